@@ -1,0 +1,100 @@
+"""torch.library plumbing shared by every backend: op schemas, fake kernels and autograd.
+
+Each backend exposes one forward and one backward op with the same schema:
+
+* ``nuwa_kernels::na3d_fwd`` / ``na3d_bwd``: the fused C++ kernels, declared in ``csrc/ops.cpp``
+  (``TORCH_LIBRARY``), implemented for the CPU and CUDA dispatch keys in C++.
+* ``nuwa_kernels::reference_fwd`` / ``reference_bwd`` and ``triton_fwd`` / ``triton_bwd``: declared
+  here from Python with :func:`torch.library.custom_op`.
+
+The fake (meta) kernels and the autograd formula are registered from Python, once, for all of them
+(:func:`register_fake_and_autograd`), as in PyTorch's extension-cpp. Outputs are always freshly
+allocated and contiguous: ``out (B, T, H, W, heads, Dv)``, ``lse (B, T, H, W, heads)`` in the
+accumulation dtype, and gradients shaped like their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+FWD_SCHEMA = (
+    "(Tensor query, Tensor key, Tensor value, int[] kernel_size, bool[] causal_axes, "
+    "bool raster_causal, bool shift_border, float scale) -> (Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor delta, "
+    "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, float scale) "
+    "-> (Tensor, Tensor, Tensor)"
+)
+
+FwdFn = Callable[..., Tuple[Tensor, Tensor]]
+BwdFn = Callable[..., Tuple[Tensor, Tensor, Tensor]]
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmax/accumulation dtype: float64 for float64 inputs, float32 otherwise (also the LSE dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_fwd(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale):
+    out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+    lse = query.new_empty(query.shape[:-1], dtype=accum_dtype(query.dtype))
+    return out, lse
+
+
+def _fake_bwd(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster_causal, shift_border, scale):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
+    """Register the shared fake kernels and the autograd formula for one backend's op pair.
+
+    The backward is FlashAttention-style: ``delta = rowsum(dO * O) - dLSE`` is formed here (so a loss
+    on the returned LSE is differentiated correctly) and the backend's ``bwd`` op recomputes the
+    probabilities from the LSE.
+    """
+    torch.library.register_fake(fwd_name)(_fake_fwd)
+    torch.library.register_fake(bwd_name)(_fake_bwd)
+    bwd_op = _resolve(bwd_name)
+
+    def setup_context(ctx, inputs, output):
+        query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.args = (list(kernel_size), list(causal_axes), raster_causal, shift_border, scale)
+
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, out, lse = ctx.saved_tensors
+        acc = lse.dtype
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+        if grad_lse is not None:
+            delta = delta - grad_lse.to(acc)
+        dq, dk, dv = bwd_op(grad_out, query, key, value, lse, delta, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def _resolve(name: str):
+    ns, op = name.split("::")
+    return getattr(getattr(torch.ops, ns), op).default
+
+
+def define_python_ops(prefix: str, fwd_impl: FwdFn, bwd_impl: BwdFn, device_types: Sequence[str] | None = None):
+    """Declare ``nuwa_kernels::{prefix}_fwd`` / ``_bwd`` as Python custom ops with the shared schema,
+    register fake kernels and autograd, and return the two op overloads."""
+    fwd_name, bwd_name = f"nuwa_kernels::{prefix}_fwd", f"nuwa_kernels::{prefix}_bwd"
+    torch.library.custom_op(fwd_name, fwd_impl, mutates_args=(), device_types=device_types, schema=FWD_SCHEMA)
+    torch.library.custom_op(bwd_name, bwd_impl, mutates_args=(), device_types=device_types, schema=BWD_SCHEMA)
+    register_fake_and_autograd(fwd_name, bwd_name)
+    return _resolve(fwd_name), _resolve(bwd_name)
+
+
+def spec_op_args(spec) -> tuple:
+    """The non-tensor op arguments of a :class:`~nuwa_kernels.window.WindowSpec`."""
+    return (list(spec.kernel_size), list(spec.causal_axes), spec.raster_causal, spec.shift_border)

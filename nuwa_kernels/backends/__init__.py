@@ -1,0 +1,80 @@
+"""Backends of nearby attention and the rule that picks one.
+
+Every backend module exposes the same three names:
+
+* ``NAME``: the string users pass as ``backend=``;
+* ``can_run(query, key, value, spec) -> tuple[bool, str]``: whether it can run this call, and the
+  reason (naming the cause: not built, wrong device, unsupported dtype or head dim) when it cannot;
+* ``forward(query, key, value, spec, scale) -> tuple[Tensor, Tensor]``: ``(out, lse)``, differentiable
+  through the backend's registered ``torch.library`` ops.
+
+The ``auto`` rule (documented in the README): on CUDA tensors try ``triton``, then ``cuda``, then
+``reference``; on CPU tensors try ``cpu``, then ``reference``; on any other device ``reference``.
+The ``NUWA_KERNELS_BACKEND`` environment variable, when set, replaces ``auto``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Dict, Tuple
+
+from torch import Tensor
+
+from ..window import WindowSpec
+
+BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+ENV_VAR = "NUWA_KERNELS_BACKEND"
+
+_MODULES = {
+    "reference": ".reference",
+    "cpu": ".cpu",
+    "cuda": ".cuda",
+    "triton": ".triton",
+}
+_loaded: Dict[str, ModuleType] = {}
+
+
+class BackendUnavailableError(ValueError, RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+def get_backend(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}; got {name!r}")
+    if name not in _loaded:
+        _loaded[name] = importlib.import_module(_MODULES[name], __name__)
+    return _loaded[name]
+
+
+def can_run(name: str, query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tuple[bool, str]:
+    """Whether backend ``name`` can run this call, and why not."""
+    return get_backend(name).can_run(query, key, value, spec)
+
+
+def select_backend(requested: str, query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> ModuleType:
+    """Resolve ``requested`` (``"auto"`` or a backend name) to a backend module that can run the call.
+
+    Raises:
+        ValueError: unknown backend name.
+        BackendUnavailableError: an explicitly requested backend cannot run this call.
+    """
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a str, one of {('auto',) + BACKEND_NAMES}; got {requested!r}")
+    if requested == "auto":
+        requested = os.environ.get(ENV_VAR, "auto") or "auto"
+        if requested not in ("auto",) + BACKEND_NAMES:
+            raise ValueError(f"{ENV_VAR} must be one of {('auto',) + BACKEND_NAMES}; got {requested!r}")
+    if requested != "auto":
+        module = get_backend(requested)
+        ok, why = module.can_run(query, key, value, spec)
+        if not ok:
+            raise BackendUnavailableError(f"backend={requested!r} cannot run this call: {why}")
+        return module
+    for name in AUTO_ORDER.get(query.device.type, ("reference",)):
+        module = get_backend(name)
+        if module.can_run(query, key, value, spec)[0]:
+            return module
+    return get_backend("reference")
