@@ -9,7 +9,9 @@ Public API (semantics: docs/nearby_attention.md, a copy of the project's contrac
 
 from . import _extension  # noqa: F401  (loads nuwa_kernels._C when it was built)
 from .api import can_run, available_backends, nearby_attention, nearby_sdpa
-from .backends import BackendUnavailableError
+from .backends import BackendUnavailableError, load_backends
+
+load_backends()
 
 __all__ = [
     "nearby_attention",

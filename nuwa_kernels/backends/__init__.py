@@ -41,11 +41,38 @@ class BackendUnavailableError(ValueError, RuntimeError):
     """An explicitly requested backend cannot run this call; the message says why."""
 
 
+def load_backends() -> None:
+    """Import every backend module once, at package import (never while ``torch.compile`` traces).
+
+    Backend modules import cheaply and never fail: a backend whose library or build is missing
+    imports anyway and reports the reason from ``can_run``.
+    """
+    for name, module in _MODULES.items():
+        if name in _loaded:
+            continue
+        try:
+            mod = importlib.import_module(module, __name__)
+            missing = [attr for attr in ("can_run", "forward") if not hasattr(mod, attr)]
+            _loaded[name] = mod if not missing else _unavailable(name, f"its module lacks {missing}")
+        except ImportError as exc:  # a broken optional dependency must not break the package
+            _loaded[name] = _unavailable(name, f"its module failed to import ({exc})")
+
+
+def _unavailable(name: str, why: str) -> ModuleType:
+    stub = ModuleType(f"{__name__}.{name}")
+    stub.NAME = name
+    stub.can_run = lambda query, key, value, spec: (False, why)
+
+    def forward(query, key, value, spec, scale):
+        raise BackendUnavailableError(f"backend={name!r} cannot run: {why}")
+
+    stub.forward = forward
+    return stub
+
+
 def get_backend(name: str) -> ModuleType:
-    if name not in _MODULES:
-        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}; got {name!r}")
     if name not in _loaded:
-        _loaded[name] = importlib.import_module(_MODULES[name], __name__)
+        raise ValueError(f"backend must be one of {('auto',) + BACKEND_NAMES}; got {name!r}")
     return _loaded[name]
 
 
