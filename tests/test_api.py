@@ -191,3 +191,28 @@ def test_autocast_backward():
         out = nk.nearby_attention(q, k, v)
     out.float().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+
+
+def test_package_works_without_the_extension():
+    """Without nuwa_kernels._C the package imports, the reference runs, and `cpu` says why not."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, nuwa_kernels as nk\n"
+        "ok, why = nk.available_backends('cpu')['cpu']\n"
+        "assert not ok and 'NUWA_KERNELS_NO_EXT' in why, why\n"
+        "q = torch.randn(1, 2, 3, 4, 2, 8)\n"
+        "out = nk.nearby_attention(q, q, q, causal=True)\n"
+        "assert torch.isfinite(out).all()\n"
+        "try:\n"
+        "    nk.nearby_attention(q, q, q, backend='cpu')\n"
+        "    raise SystemExit('expected BackendUnavailableError')\n"
+        "except nk.BackendUnavailableError as exc:\n"
+        "    assert 'not loaded' in str(exc)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, NUWA_KERNELS_NO_EXT="1")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
