@@ -9,6 +9,7 @@ Public API (semantics: docs/nearby_attention.md, a copy of the project's contrac
 
 from . import _extension  # noqa: F401  (loads nuwa_kernels._C when it was built)
 from .api import can_run, available_backends, nearby_attention, nearby_sdpa
+from .decode import nearby_attention_decode  # noqa: F401  (KV-cache decode: a few queries vs a cached grid)
 from .backends import BackendUnavailableError, load_backends
 
 load_backends()
@@ -21,3 +22,4 @@ __all__ = [
     "BackendUnavailableError",
 ]
 __version__ = "0.1.0"
+from .backends.triton.stats import tile_stats  # noqa: E402,F401  (Triton tile-schedule statistics)
