@@ -1,0 +1,945 @@
+// Fused CPU kernels of 3D nearby attention: nuwa_kernels::na3d_fwd / na3d_bwd for the CPU key.
+//
+// Semantics: docs/nearby_attention.md; tensor conventions: docs/DESIGN.md; window maths: window.h.
+//
+// Layout of the work:
+// * Every query visits only the keys of its window (never a masked key). The (t, h) window of a query
+//   row is shared by the whole row, so a block of neighbouring queries of one row walks the key rows
+//   (kt, kh) of that window together; on each key row query w sees a contiguous w-segment of keys (its
+//   w window, cut at flat(key) <= flat(query) under raster causality; key rows past the query are
+//   empty). The union of the block's segments is packed once (that head's slice, converted to the
+//   accumulation type) and reused by the ~k queries that share each key.
+// * Forward: two passes over the key rows: scores of each query's whole window (then one softmax per
+//   query, vectorised exp), then out = P V. Accumulation in float32 (float32/float16/bfloat16 inputs)
+//   or float64 (float64 inputs).
+// * Backward, deterministic, no atomics: dQ per query over its window (one pass: s, dP, dS, dQ per key
+//   row); dK/dV per key over its inverse neighbourhood (window.h's inverse_window_on_axis per axis, then
+//   the raster cut), summing the query heads of its group. P = exp(scale * q.k - lse),
+//   dS = P * (dP - delta).
+// * Inner loops are explicit vectors of one 512-bit register (GCC/Clang vector extension): dot products
+//   four at a time with a shared lane reduction, axpys over four lane blocks at once. Inputs are read
+//   with their strides only when packing; the unit-stride fast path (template flag kUnit) and the
+//   strided path are the same code.
+// * Parallel over (batch, head, t, h) rows of queries (forward, dQ) or (batch, kv head, kt, kh) rows of
+//   keys (dK/dV), in contiguous chunks taken from a shared counter (see parallel_tasks).
+// * Extra memory: per-axis window tables and per-thread scratch bounded by kScoreBudget plus a few rows
+//   of W * D elements; no N x window buffers.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
+#include "window.h"
+
+// 64-byte vector types in internal functions: the ABI note GCC prints without AVX-512 does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+namespace nuwa {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Scalar helpers
+// ------------------------------------------------------------------------------------------------
+
+template <typename S>
+using acc_t = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
+
+// Lanes of one 512-bit register: the block width of every inner loop over D.
+template <typename A>
+constexpr int kLanes = 64 / static_cast<int>(sizeof(A));
+
+template <typename A, typename S>
+inline A to_acc(S x) {
+  return static_cast<A>(x);
+}
+
+// exp for softmax arguments (x <= ~0), vectorisable: Cephes' expf polynomial (about 1 ulp), rounding
+// by the 1.5 * 2^23 trick (floorf blocks GCC's vectoriser), 0 below the float range. float64 uses
+// std::exp.
+__attribute__((always_inline)) inline float exp_acc(float x) {
+  constexpr float kLo = -87.33654475f;
+  constexpr float kHi = 88.0f;
+  const float xc = std::min(std::max(x, kLo), kHi);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // nearest integer
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof(float));
+  return x < kLo ? 0.0f : y * pow2n;
+}
+__attribute__((always_inline)) inline double exp_acc(double x) { return std::exp(x); }
+
+// One 512-bit register of lanes of the accumulation type (GCC/Clang vector extension; the compiler
+// lowers it to one zmm with AVX-512, two ymm with AVX2, and so on).
+template <typename A>
+struct VecOf {
+  typedef A type __attribute__((vector_size(64)));
+};
+template <typename A>
+using Vec = typename VecOf<A>::type;
+
+// L lanes starting at p, element stride ds (ignored when kUnit), converted to the accumulation type.
+template <bool kUnit, typename A, typename S>
+inline Vec<A> vload(const S* __restrict p, int64_t ds) {
+  constexpr int L = kLanes<A>;
+  Vec<A> r;
+  if constexpr (kUnit && std::is_same<S, A>::value) {
+    std::memcpy(&r, p, sizeof(r));
+  } else if constexpr (kUnit && std::is_same<S, c10::BFloat16>::value) {  // A is float: 16 lanes
+    typedef uint16_t U16 __attribute__((vector_size(32)));
+    typedef uint32_t U32 __attribute__((vector_size(64)));
+    U16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32 bits = __builtin_convertvector(h, U32) << 16;
+    std::memcpy(&r, &bits, sizeof(r));
+#if defined(__F16C__) && defined(__AVX__)
+  } else if constexpr (kUnit && std::is_same<S, c10::Half>::value) {
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(&r, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
+#endif
+  } else {
+    for (int l = 0; l < L; ++l) r[l] = to_acc<A>(p[kUnit ? l : l * ds]);
+  }
+  return r;
+}
+
+// Sum of the lanes in a fixed order (deterministic).
+template <typename A>
+inline A hsum(const Vec<A>& v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<A, float>::value) return _mm512_reduce_add_ps(reinterpret_cast<const __m512&>(v));
+  if constexpr (std::is_same<A, double>::value) return _mm512_reduce_add_pd(reinterpret_cast<const __m512d&>(v));
+#endif
+  A s = v[0];
+  for (int l = 1; l < kLanes<A>; ++l) s += v[l];
+  return s;
+}
+
+// The lane sums of four vectors at once: out[m] = hsum(v[m]) (float, AVX-512: a transposing reduction,
+// three shuffle levels for four sums instead of four full reductions).
+template <typename A>
+inline void hsum4(const Vec<A>& v0, const Vec<A>& v1, const Vec<A>& v2, const Vec<A>& v3, A* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<A, float>::value) {
+    const __m512 a = reinterpret_cast<const __m512&>(v0), b = reinterpret_cast<const __m512&>(v1);
+    const __m512 c = reinterpret_cast<const __m512&>(v2), d = reinterpret_cast<const __m512&>(v3);
+    // per 128-bit block: (a0+a2, b0+b2, a1+a3, b1+b3)
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // per 128-bit block: (a, b, c, d) partial sums
+    const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                      _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 lo = _mm512_castps512_ps256(abcd);
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1));
+    const __m256 s8 = _mm256_add_ps(lo, hi);
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1)));
+    return;
+  }
+#endif
+  out[0] = hsum<A>(v0);
+  out[1] = hsum<A>(v1);
+  out[2] = hsum<A>(v2);
+  out[3] = hsum<A>(v3);
+}
+
+// out[j] = a . X[j] for the n contiguous rows X[j] = X + j * D (a: contiguous, length D). Keys are
+// taken four at a time: each lane block of `a` is loaded once for the four, and the four lane
+// reductions share one transposing reduction (hsum4).
+template <typename A>
+inline void dot_rows(A* __restrict out, const A* __restrict a, const A* __restrict X, int64_t n, int64_t D) {
+  constexpr int L = kLanes<A>;
+  const int64_t Dm = D - D % L;
+  int64_t j = 0;
+  for (; j < n; j += 4) {
+    const int64_t m = std::min<int64_t>(4, n - j);
+    // rows past the segment (m < 4) alias the last row; their sums are dropped
+    const A* x0 = X + j * D;
+    const A* x1 = X + (j + std::min<int64_t>(1, m - 1)) * D;
+    const A* x2 = X + (j + std::min<int64_t>(2, m - 1)) * D;
+    const A* x3 = X + (j + std::min<int64_t>(3, m - 1)) * D;
+    Vec<A> p0 = {}, p1 = {}, p2 = {}, p3 = {};
+    for (int64_t d = 0; d < Dm; d += L) {
+      const Vec<A> ad = vload<true, A>(a + d, 1);
+      p0 += ad * vload<true, A>(x0 + d, 1);
+      p1 += ad * vload<true, A>(x1 + d, 1);
+      p2 += ad * vload<true, A>(x2 + d, 1);
+      p3 += ad * vload<true, A>(x3 + d, 1);
+    }
+    A r[4];
+    hsum4<A>(p0, p1, p2, p3, r);
+    for (int64_t d = Dm; d < D; ++d) {
+      r[0] += a[d] * x0[d];
+      r[1] += a[d] * x1[d];
+      r[2] += a[d] * x2[d];
+      r[3] += a[d] * x3[d];
+    }
+    for (int64_t mm = 0; mm < m; ++mm) out[j + mm] = r[mm];
+  }
+}
+
+// acc[d] += sum_j c[j] * X[j * D + d] for d < D (X: n contiguous rows of length D). Four lane blocks
+// of D are accumulated side by side so that the FMA chains over j run in parallel.
+template <typename A>
+inline void axpy_rows(A* __restrict acc, const A* __restrict c, const A* __restrict X, int64_t n, int64_t D) {
+  constexpr int L = kLanes<A>;
+  int64_t d = 0;
+  for (; d + 4 * L <= D; d += 4 * L) {
+    Vec<A> a0 = vload<true, A>(acc + d, 1), a1 = vload<true, A>(acc + d + L, 1);
+    Vec<A> a2 = vload<true, A>(acc + d + 2 * L, 1), a3 = vload<true, A>(acc + d + 3 * L, 1);
+    for (int64_t j = 0; j < n; ++j) {
+      const A cj = c[j];
+      const A* x = X + j * D + d;
+      a0 += cj * vload<true, A>(x, 1);
+      a1 += cj * vload<true, A>(x + L, 1);
+      a2 += cj * vload<true, A>(x + 2 * L, 1);
+      a3 += cj * vload<true, A>(x + 3 * L, 1);
+    }
+    std::memcpy(acc + d, &a0, sizeof(a0));
+    std::memcpy(acc + d + L, &a1, sizeof(a1));
+    std::memcpy(acc + d + 2 * L, &a2, sizeof(a2));
+    std::memcpy(acc + d + 3 * L, &a3, sizeof(a3));
+  }
+  for (; d + L <= D; d += L) {
+    Vec<A> a0 = vload<true, A>(acc + d, 1), a1 = {};
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      a0 += c[j] * vload<true, A>(X + j * D + d, 1);
+      a1 += c[j + 1] * vload<true, A>(X + (j + 1) * D + d, 1);
+    }
+    if (j < n) a0 += c[j] * vload<true, A>(X + j * D + d, 1);
+    a0 += a1;
+    std::memcpy(acc + d, &a0, sizeof(a0));
+  }
+  for (; d < D; ++d) {
+    A a = acc[d];
+    for (int64_t j = 0; j < n; ++j) a += c[j] * X[j * D + d];
+    acc[d] = a;
+  }
+}
+
+// Packs n tokens of one head, src[j * xs + d * ds], into contiguous rows dst[j * D + d] of the
+// accumulation type. Inputs keep their strides (no copy of whole tensors): only the rows a block of
+// work needs are packed, which also keeps the kernels clear of the cache-set conflicts of power-of-two
+// token strides and converts half types once per row instead of once per use.
+template <bool kUnit, typename A, typename S>
+inline void pack_rows(A* __restrict dst, const S* __restrict src, int64_t n, int64_t xs, int64_t ds, int64_t D) {
+  constexpr int L = kLanes<A>;
+  const int64_t Dm = D - D % L;
+  for (int64_t j = 0; j < n; ++j) {
+    const S* x = src + j * xs;
+    A* y = dst + j * D;
+    for (int64_t d = 0; d < Dm; d += L) {
+      const Vec<A> v = vload<kUnit, A>(x + (kUnit ? d : d * ds), ds);
+      std::memcpy(y + d, &v, sizeof(v));
+    }
+    for (int64_t d = Dm; d < D; ++d) y[d] = to_acc<A>(x[kUnit ? d : d * ds]);
+  }
+}
+
+// Prefetches n tokens of one head (stride xs, D elements of stride ds) ahead of their pack_rows, so
+// that the next row's loads overlap the current row's arithmetic.
+template <typename S>
+inline void prefetch_rows(const S* src, int64_t n, int64_t xs, int64_t ds, int64_t D) {
+  const int64_t span = static_cast<int64_t>(sizeof(S)) * ((D - 1) * ds + 1);
+  if (span > 4096) return;
+  for (int64_t j = 0; j < n; ++j) {
+    const char* p = reinterpret_cast<const char*>(src + j * xs);
+    for (int64_t o = 0; o < span; o += 64) __builtin_prefetch(p + o);
+  }
+}
+
+// The row after (kt, kh) in a walk over the rows [wt] x [wh] (key rows of a window, or query rows of
+// an inverse window), if any.
+inline bool next_key_row(const Interval& wt, const Interval& wh, int64_t kt, int64_t kh, int64_t* nkt, int64_t* nkh) {
+  if (kh < wh.hi) {
+    *nkt = kt;
+    *nkh = kh + 1;
+    return true;
+  }
+  *nkt = kt + 1;
+  *nkh = wh.lo;
+  return kt < wt.hi;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// s[0, n) *= scale; s[n, round_up(n, L)) = -inf; returns max(s[0, n)).
+template <typename A>
+inline A scale_pad_max(A* __restrict s, int64_t n, A scale) {
+  constexpr int L = kLanes<A>;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const int64_t np = round_up(n, L);
+  for (int64_t j = 0; j < n; ++j) s[j] *= scale;
+  for (int64_t j = n; j < np; ++j) s[j] = kNegInf;
+  Vec<A> mx = Vec<A>{} + kNegInf;
+  for (int64_t j = 0; j < np; j += L) {
+    const Vec<A> x = vload<true, A>(s + j, 1);
+    mx = x > mx ? x : mx;
+  }
+  A m = kNegInf;
+  for (int l = 0; l < L; ++l) m = std::max(m, mx[l]);
+  return m;
+}
+
+// Sum of s[0, n) with n a multiple of L (fixed order).
+template <typename A>
+inline A vsum(const A* __restrict s, int64_t n) {
+  constexpr int L = kLanes<A>;
+  Vec<A> acc = {};
+  for (int64_t j = 0; j < n; j += L) acc += vload<true, A>(s + j, 1);
+  return hsum<A>(acc);
+}
+
+// p[j] = exp(scale * s[j] - lse[j]); ds[j] = p[j] * (dp[j] - delta[j]) for j < n (in place: s becomes
+// p, dp becomes ds). Vectorised.
+template <typename A>
+inline void probs_and_dscores(A* __restrict s, A* __restrict dp, const A* __restrict lse, const A* __restrict delta,
+                              int64_t n, A scale) {
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_acc(scale * s[j] - lse[j]);
+  for (int64_t j = 0; j < n; ++j) dp[j] = s[j] * (dp[j] - delta[j]);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Problem description shared by the three kernels
+// ------------------------------------------------------------------------------------------------
+
+struct Strides {
+  int64_t s[6];
+};
+
+inline Strides strides_of(const at::Tensor& t) {
+  Strides r{};
+  for (int i = 0; i < t.dim() && i < 6; ++i) r.s[i] = t.stride(i);
+  return r;
+}
+
+// Elements of score scratch per thread that set the size of query (or key) blocks along w.
+constexpr int64_t kScoreBudget = int64_t(1) << 15;
+
+struct Problem {
+  WindowParams p{};
+  int64_t B = 0, heads = 0, heads_kv = 0, group = 1, D = 0, Dv = 0;
+  double scale = 1.0;
+  // Per-axis tables from window.h: the key window of every query coordinate and the query interval
+  // (inverse window) of every key coordinate.
+  std::vector<Interval> win[3];
+  std::vector<Interval> inv[3];
+  int64_t win_max = 1;    // bound on the keys of one query: product of the widest window per axis
+  int64_t win_w_max = 1;  // widest window on the w axis
+  int64_t inv_w_max = 1;  // widest inverse window on the w axis
+};
+
+void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                  at::IntArrayRef kernel_size, const c10::List<bool>& causal_axes) {
+  TORCH_CHECK(query.dim() == 6, "na3d: query must be (B, T, H, W, heads, D), got ", query.dim(), " dims");
+  TORCH_CHECK(key.dim() == 6, "na3d: key must be (B, Tk, Hk, Wk, heads_kv, D), got ", key.dim(), " dims");
+  TORCH_CHECK(value.dim() == 6, "na3d: value must be (B, Tk, Hk, Wk, heads_kv, Dv), got ", value.dim(), " dims");
+  TORCH_CHECK(query.scalar_type() == key.scalar_type() && query.scalar_type() == value.scalar_type(),
+              "na3d: query, key and value must have the same dtype, got ", query.scalar_type(), ", ",
+              key.scalar_type(), ", ", value.scalar_type());
+  TORCH_CHECK(query.device() == key.device() && query.device() == value.device(),
+              "na3d: query, key and value must be on the same device");
+  TORCH_CHECK(query.size(0) == key.size(0) && query.size(0) == value.size(0),
+              "na3d: batch sizes of query, key and value differ");
+  for (int i = 1; i < 5; ++i)
+    TORCH_CHECK(key.size(i) == value.size(i), "na3d: key and value shapes differ in dim ", i, ": ", key.sizes(),
+                " vs ", value.sizes());
+  TORCH_CHECK(query.size(5) == key.size(5), "na3d: query and key head_dim differ: ", query.size(5), " vs ",
+              key.size(5));
+  TORCH_CHECK(key.size(4) > 0 ? query.size(4) % key.size(4) == 0 : query.size(4) == 0,
+              "na3d: heads (", query.size(4), ") must be a multiple of heads_kv (", key.size(4), ")");
+  TORCH_CHECK(kernel_size.size() == 3, "na3d: kernel_size must have 3 entries, got ", kernel_size.size());
+  for (int i = 0; i < 3; ++i) TORCH_CHECK(kernel_size[i] >= 1, "na3d: kernel_size[", i, "] must be >= 1");
+  TORCH_CHECK(causal_axes.size() == 3, "na3d: causal_axes must have 3 entries, got ", causal_axes.size());
+}
+
+Problem make_problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                     at::IntArrayRef kernel_size, const c10::List<bool>& causal_axes, bool raster, bool shift,
+                     double scale) {
+  Problem pr;
+  for (int i = 0; i < 3; ++i) {
+    pr.p.q_len[i] = query.size(1 + i);
+    pr.p.k_len[i] = key.size(1 + i);
+    pr.p.kernel[i] = kernel_size[i];
+    pr.p.causal[i] = causal_axes.get(i);
+  }
+  pr.p.raster = raster;
+  pr.p.shift = shift;
+  pr.B = query.size(0);
+  pr.heads = query.size(4);
+  pr.heads_kv = key.size(4);
+  pr.group = pr.heads_kv > 0 ? pr.heads / pr.heads_kv : 1;
+  pr.D = query.size(5);
+  pr.Dv = value.size(5);
+  pr.scale = scale;
+  pr.win_max = 1;
+  for (int a = 0; a < 3; ++a) {
+    int64_t widest = 1;
+    pr.win[a].resize(pr.p.q_len[a]);
+    for (int64_t i = 0; i < pr.p.q_len[a]; ++i) {
+      pr.win[a][i] = window_on_axis(pr.p, a, i);
+      widest = std::max(widest, pr.win[a][i].hi - pr.win[a][i].lo + 1);
+    }
+    pr.win_max *= widest;
+    if (a == 2) pr.win_w_max = widest;
+    pr.inv[a].resize(pr.p.k_len[a]);
+    for (int64_t j = 0; j < pr.p.k_len[a]; ++j) {
+      pr.inv[a][j] = inverse_window_on_axis(pr.p, a, j);
+      if (a == 2) pr.inv_w_max = std::max(pr.inv_w_max, pr.inv[a][j].hi - pr.inv[a][j].lo + 1);
+    }
+  }
+  return pr;
+}
+
+inline bool unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1; }
+
+// Per-thread scratch: `a` in the accumulation type, `idx` for segment bounds and offsets.
+template <typename A>
+struct Scratch {
+  std::vector<A> a;
+  std::vector<int64_t> idx;
+};
+
+// Runs body(scratch, task) for task in [0, n) on at::get_num_threads() threads. The tasks are cut into
+// about 32 contiguous chunks per thread, which the threads take in turn from a shared counter:
+// consecutive tasks of a chunk are grid neighbours that share most of their key rows (cache reuse),
+// and a thread slowed down (by causal windows with less work elsewhere, or by a busy machine) simply
+// takes fewer chunks. Deterministic all the same: every output element is written by exactly one task,
+// whose arithmetic does not depend on the thread that runs it. `work` (about the multiply-adds of the
+// call) keeps small calls on the calling thread, where starting a thread team would cost more.
+template <typename A, typename Body>
+void parallel_tasks(int64_t n, double work, int64_t scratch_a, int64_t scratch_idx, const Body& body) {
+  if (n <= 0) return;
+  constexpr double kMinWorkPerThread = double(1 << 17);
+  const int64_t by_work = static_cast<int64_t>(std::min(work / kMinWorkPerThread, 1e9));
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, by_work}));
+  const int64_t chunk = std::max<int64_t>(1, (n + 32 * nt - 1) / (32 * nt));
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    Scratch<A> sc;
+    sc.a.assign(scratch_a, A(0));
+    sc.idx.assign(scratch_idx, 0);
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
+      for (int64_t task = c * chunk; task < std::min(n, (c + 1) * chunk); ++task) body(sc, task);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Query-row kernels (forward, dQ). One task = one query row (b, head, t, h); its queries are taken in
+// blocks of `nb` consecutive w. The block walks the key rows (kt, kh) of the row's (t, h) window once;
+// on key row (kt, kh), query w sees the contiguous key segment of its w window (cut by raster
+// causality). The union of the block's segments is packed once per key row and shared by the block.
+// ------------------------------------------------------------------------------------------------
+
+struct QueryRow {
+  int64_t b, head, t, h, g;
+};
+
+inline QueryRow query_row(const Problem& pr, int64_t task) {
+  const int64_t T = pr.p.q_len[0], H = pr.p.q_len[1];
+  QueryRow r;
+  r.h = task % H;
+  r.t = (task / H) % T;
+  r.head = (task / (H * T)) % pr.heads;
+  r.b = task / (H * T * pr.heads);
+  r.g = r.head / pr.group;
+  return r;
+}
+
+// Key segments [lo[i], lo[i] + n[i]) of queries w0 + i (i < nb) on a key row whose first key has flat
+// index flat_row_k: the w window, cut by raster causality flat(key) <= flat(query) when `raster`.
+// Returns the union [*ulo, *uhi] (empty: uhi < ulo).
+inline void query_segments(const Problem& pr, bool raster, int64_t flat_row_q, int64_t w0, int64_t nb,
+                           int64_t flat_row_k, int64_t* lo, int64_t* n, int64_t* ulo, int64_t* uhi) {
+  *ulo = std::numeric_limits<int64_t>::max();
+  *uhi = -1;
+  for (int64_t i = 0; i < nb; ++i) {
+    const Interval ww = pr.win[2][w0 + i];
+    int64_t hi = ww.hi;
+    if (raster) hi = std::min(hi, flat_row_q + w0 + i - flat_row_k);
+    lo[i] = ww.lo;
+    n[i] = std::max<int64_t>(hi - ww.lo + 1, 0);
+    if (n[i] > 0) {
+      *ulo = std::min(*ulo, ww.lo);
+      *uhi = std::max(*uhi, hi);
+    }
+  }
+}
+
+// The key segments of a block of queries on every key row of its window. They are the same on every
+// key row unless raster causality cuts that row (only rows reaching past the first query of the
+// block), so the uncut segments are computed once per block.
+struct BlockSegments {
+  const Problem& pr;
+  int64_t flat_row_q, w0, nb;
+  int64_t *base_lo, *base_n, *cut_lo, *cut_n;  // [nb] each
+  int64_t base_ulo = 0, base_uhi = -1;
+
+  BlockSegments(const Problem& pr_, int64_t flat_row_q_, int64_t w0_, int64_t nb_, int64_t* scratch)
+      : pr(pr_), flat_row_q(flat_row_q_), w0(w0_), nb(nb_), base_lo(scratch), base_n(scratch + nb_),
+        cut_lo(scratch + 2 * nb_), cut_n(scratch + 3 * nb_) {
+    query_segments(pr, false, flat_row_q, w0, nb, 0, base_lo, base_n, &base_ulo, &base_uhi);
+  }
+
+  // Segments on key row (kt, kh): sets *lo, *n (arrays of nb) and the union [*ulo, *uhi].
+  void row(int64_t kt, int64_t kh, const int64_t** lo, const int64_t** n, int64_t* ulo, int64_t* uhi) {
+    const int64_t flat_row_k = (kt * pr.p.k_len[1] + kh) * pr.p.k_len[2];
+    if (!pr.p.raster || flat_row_k + base_uhi <= flat_row_q + w0) {
+      *lo = base_lo;
+      *n = base_n;
+      *ulo = base_ulo;
+      *uhi = base_uhi;
+      return;
+    }
+    query_segments(pr, true, flat_row_q, w0, nb, flat_row_k, cut_lo, cut_n, ulo, uhi);
+    *lo = cut_lo;
+    *n = cut_n;
+  }
+};
+
+template <typename S, bool kUnit>
+void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
+                acc_t<S>* lse) {
+  using A = acc_t<S>;
+  constexpr int L = kLanes<A>;
+  const int64_t T = pr.p.q_len[0], H = pr.p.q_len[1], W = pr.p.q_len[2], Wk = pr.p.k_len[2];
+  const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads;
+  const A scale = static_cast<A>(pr.scale);
+  const int64_t wpad = round_up(pr.win_max, L);
+  const int64_t Wb = std::max<int64_t>(1, std::min<int64_t>(W, kScoreBudget / wpad));
+  const int64_t ntask = pr.B * heads * T * H;
+  const int64_t scratch = Wb * (D + Dv + wpad + 1) + Wk * std::max(D, Dv);
+  const double work = double(ntask) * W * pr.win_max * (D + Dv);
+  parallel_tasks<A>(ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
+    const QueryRow r = query_row(pr, task);
+    A* Qb = sc.a.data();        // [Wb, D]    queries of the block
+    A* Ob = Qb + Wb * D;        // [Wb, Dv]   output accumulators
+    A* Sb = Ob + Wb * Dv;       // [Wb, wpad] scores over each query's whole window, then probabilities
+    A* inv_l = Sb + Wb * wpad;  // [Wb]       1 / softmax denominators
+    A* Xp = inv_l + Wb;         // [Wk, max(D, Dv)] packed key or value row
+    int64_t* cnt = sc.idx.data();  // [Wb], then 4 * Wb for BlockSegments
+    const Interval wt = pr.win[0][r.t], wh = pr.win[1][r.h];
+    const int64_t flat_row_q = (r.t * H + r.h) * W;
+    const int64_t row_out = ((r.b * T + r.t) * H + r.h) * W;  // flat (b, t, h, 0) of the outputs
+    const S* qrow = q + r.b * qs.s[0] + r.t * qs.s[1] + r.h * qs.s[2] + r.head * qs.s[4];
+    const S* kb = k + r.b * ks.s[0] + r.g * ks.s[4];
+    const S* vb = v + r.b * vs.s[0] + r.g * vs.s[4];
+    for (int64_t w0 = 0; w0 < W; w0 += Wb) {
+      const int64_t nb = std::min(Wb, W - w0);
+      pack_rows<kUnit>(Qb, qrow + w0 * qs.s[3], nb, qs.s[3], qs.s[5], D);
+      std::fill(cnt, cnt + nb, int64_t(0));
+      BlockSegments segs(pr, flat_row_q, w0, nb, cnt + Wb);
+      const int64_t *lo, *n;
+      // Pass 1: scores, key row by key row.
+      for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
+        for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
+          int64_t ulo, uhi;
+          segs.row(kt, kh, &lo, &n, &ulo, &uhi);
+          if (uhi < ulo) continue;
+          int64_t nkt, nkh;
+          if (next_key_row(wt, wh, kt, kh, &nkt, &nkh))
+            prefetch_rows(kb + nkt * ks.s[1] + nkh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
+          else  // pass 2 starts with the first value row
+            prefetch_rows(vb + wt.lo * vs.s[1] + wh.lo * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
+          pack_rows<kUnit>(Xp, kb + kt * ks.s[1] + kh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
+          for (int64_t i = 0; i < nb; ++i) {
+            if (n[i] == 0) continue;
+            dot_rows(Sb + i * wpad + cnt[i], Qb + i * D, Xp + (lo[i] - ulo) * D, n[i], D);
+            cnt[i] += n[i];
+          }
+        }
+      }
+      // Softmax of each query over its whole window.
+      for (int64_t i = 0; i < nb; ++i) {
+        A* s = Sb + i * wpad;
+        const int64_t oi = (row_out + w0 + i) * heads + r.head;
+        if (cnt[i] == 0) {  // no key (only with an empty key grid)
+          inv_l[i] = 0;
+          lse[oi] = -std::numeric_limits<A>::infinity();
+          continue;
+        }
+        const A m = scale_pad_max(s, cnt[i], scale);
+        const int64_t np = round_up(cnt[i], L);
+        for (int64_t j = 0; j < np; ++j) s[j] = exp_acc(s[j] - m);  // vectorised; the padding gives 0
+        const A l = vsum(s, np);
+        inv_l[i] = A(1) / l;
+        lse[oi] = m + std::log(l);
+        cnt[i] = 0;
+      }
+      // Pass 2: out = P V, key row by key row.
+      std::fill(Ob, Ob + nb * Dv, A(0));
+      for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
+        for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
+          int64_t ulo, uhi;
+          segs.row(kt, kh, &lo, &n, &ulo, &uhi);
+          if (uhi < ulo) continue;
+          int64_t nkt, nkh;
+          if (next_key_row(wt, wh, kt, kh, &nkt, &nkh))
+            prefetch_rows(vb + nkt * vs.s[1] + nkh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
+          pack_rows<kUnit>(Xp, vb + kt * vs.s[1] + kh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
+          for (int64_t i = 0; i < nb; ++i) {
+            if (n[i] == 0) continue;
+            axpy_rows(Ob + i * Dv, Sb + i * wpad + cnt[i], Xp + (lo[i] - ulo) * Dv, n[i], Dv);
+            cnt[i] += n[i];
+          }
+        }
+      }
+      for (int64_t i = 0; i < nb; ++i) {
+        S* op = out + ((row_out + w0 + i) * heads + r.head) * Dv;
+        for (int64_t d = 0; d < Dv; ++d) op[d] = static_cast<S>(Ob[i * Dv + d] * inv_l[i]);
+      }
+    }
+  });
+}
+
+template <typename S, bool kUnit>
+void bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
+                   const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
+                   S* dq) {
+  using A = acc_t<S>;
+  const int64_t T = pr.p.q_len[0], H = pr.p.q_len[1], W = pr.p.q_len[2], Wk = pr.p.k_len[2];
+  const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads;
+  const A scale = static_cast<A>(pr.scale);
+  const int64_t Wb = std::max<int64_t>(1, std::min<int64_t>(W, kScoreBudget / pr.win_w_max));
+  const int64_t rb = Wb * pr.win_w_max;  // entries of one key row's segments for a block
+  const int64_t ntask = pr.B * heads * T * H;
+  const int64_t scratch = Wb * (2 * D + Dv + 2) + Wk * (D + Dv) + 4 * rb;
+  const double work = double(ntask) * W * pr.win_max * (2 * D + Dv);
+  parallel_tasks<A>(ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
+    const QueryRow r = query_row(pr, task);
+    A* Qb = sc.a.data();        // [Wb, D]   queries
+    A* Gb = Qb + Wb * D;        // [Wb, Dv]  output gradients
+    A* dQb = Gb + Wb * Dv;      // [Wb, D]   dQ accumulators
+    A* lse_b = dQb + Wb * D;    // [Wb]
+    A* delta_b = lse_b + Wb;    // [Wb]
+    A* Kp = delta_b + Wb;       // [Wk, D]   packed key row
+    A* Vp = Kp + Wk * D;        // [Wk, Dv]  packed value row
+    A* Sr = Vp + Wk * Dv;       // [rb] scores, then P       (the block's segments on one key row)
+    A* Pr = Sr + rb;            // [rb] dP, then dS
+    A* Lr = Pr + rb;            // [rb] lse of each entry's query
+    A* Dr = Lr + rb;            // [rb] delta of each entry's query
+    int64_t* off = sc.idx.data();  // [Wb], then 4 * Wb for BlockSegments
+    const Interval wt = pr.win[0][r.t], wh = pr.win[1][r.h];
+    const int64_t flat_row_q = (r.t * H + r.h) * W;
+    const S* qrow = q + r.b * qs.s[0] + r.t * qs.s[1] + r.h * qs.s[2] + r.head * qs.s[4];
+    const S* grow = go + r.b * gs.s[0] + r.t * gs.s[1] + r.h * gs.s[2] + r.head * gs.s[4];
+    const A* lrow = lse + r.b * ls.s[0] + r.t * ls.s[1] + r.h * ls.s[2] + r.head * ls.s[4];
+    const A* drow = delta + r.b * dls.s[0] + r.t * dls.s[1] + r.h * dls.s[2] + r.head * dls.s[4];
+    const S* kb = k + r.b * ks.s[0] + r.g * ks.s[4];
+    const S* vb = v + r.b * vs.s[0] + r.g * vs.s[4];
+    for (int64_t w0 = 0; w0 < W; w0 += Wb) {
+      const int64_t nb = std::min(Wb, W - w0);
+      pack_rows<kUnit>(Qb, qrow + w0 * qs.s[3], nb, qs.s[3], qs.s[5], D);
+      pack_rows<kUnit>(Gb, grow + w0 * gs.s[3], nb, gs.s[3], gs.s[5], Dv);
+      for (int64_t i = 0; i < nb; ++i) {
+        lse_b[i] = lrow[(w0 + i) * ls.s[3]];
+        delta_b[i] = drow[(w0 + i) * dls.s[3]];
+      }
+      std::fill(dQb, dQb + nb * D, A(0));
+      BlockSegments segs(pr, flat_row_q, w0, nb, off + Wb);
+      const int64_t *lo, *n;
+      // One pass over the key rows: s = q.k and dP = dO.v, then dS, then dQ += dS k.
+      for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
+        for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
+          int64_t ulo, uhi;
+          segs.row(kt, kh, &lo, &n, &ulo, &uhi);
+          if (uhi < ulo) continue;
+          int64_t nkt, nkh;
+          if (next_key_row(wt, wh, kt, kh, &nkt, &nkh)) {
+            prefetch_rows(kb + nkt * ks.s[1] + nkh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
+            prefetch_rows(vb + nkt * vs.s[1] + nkh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
+          }
+          pack_rows<kUnit>(Kp, kb + kt * ks.s[1] + kh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
+          pack_rows<kUnit>(Vp, vb + kt * vs.s[1] + kh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
+          int64_t tot = 0;
+          for (int64_t i = 0; i < nb; ++i) {
+            off[i] = tot;
+            if (n[i] == 0) continue;
+            dot_rows(Sr + tot, Qb + i * D, Kp + (lo[i] - ulo) * D, n[i], D);
+            dot_rows(Pr + tot, Gb + i * Dv, Vp + (lo[i] - ulo) * Dv, n[i], Dv);
+            std::fill(Lr + tot, Lr + tot + n[i], lse_b[i]);
+            std::fill(Dr + tot, Dr + tot + n[i], delta_b[i]);
+            tot += n[i];
+          }
+          probs_and_dscores(Sr, Pr, Lr, Dr, tot, scale);
+          for (int64_t i = 0; i < nb; ++i) {
+            if (n[i] == 0) continue;
+            axpy_rows(dQb + i * D, Pr + off[i], Kp + (lo[i] - ulo) * D, n[i], D);
+          }
+        }
+      }
+      for (int64_t i = 0; i < nb; ++i) {
+        S* op = dq + (((r.b * T + r.t) * H + r.h) * W + w0 + i) * heads * D + r.head * D;
+        for (int64_t d = 0; d < D; ++d) op[d] = static_cast<S>(scale * dQb[i * D + d]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Key-row kernel (dK, dV). One task = one key row (b, kv head g, kt, kh); its keys are taken in blocks
+// of `nb` consecutive kw. Each key walks its inverse neighbourhood: the query rows (t, h) of
+// inverse_window_on_axis on t and h, on each the query segment of the w inverse window (cut by raster
+// causality flat(key) <= flat(query)), for every query head of its group. No atomics: each key's
+// gradients are summed by the one task that owns the key, in a fixed order.
+// ------------------------------------------------------------------------------------------------
+
+template <typename S, bool kUnit>
+void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
+                    const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
+                    S* dk, S* dv) {
+  using A = acc_t<S>;
+  const int64_t H = pr.p.q_len[1], W = pr.p.q_len[2];
+  const int64_t Tk = pr.p.k_len[0], Hk = pr.p.k_len[1], Wk = pr.p.k_len[2];
+  const int64_t D = pr.D, Dv = pr.Dv, heads_kv = pr.heads_kv, group = pr.group;
+  const A scale = static_cast<A>(pr.scale);
+  const int64_t Kb_n = std::max<int64_t>(1, std::min<int64_t>(Wk, kScoreBudget / pr.inv_w_max));
+  const int64_t rb = Kb_n * pr.inv_w_max;
+  const int64_t ntask = pr.B * heads_kv * Tk * Hk;
+  const int64_t scratch = Kb_n * 2 * (D + Dv) + W * (D + Dv + 2) + 4 * rb;
+  const double work = double(ntask) * Wk * pr.win_max * 2 * (D + Dv);  // inverse windows ~ windows
+  parallel_tasks<A>(ntask, work, scratch, 3 * Kb_n, [&](Scratch<A>& sc, int64_t task) {
+    const int64_t kh = task % Hk;
+    const int64_t kt = (task / Hk) % Tk;
+    const int64_t g = (task / (Hk * Tk)) % heads_kv;
+    const int64_t b = task / (Hk * Tk * heads_kv);
+    A* Kb = sc.a.data();       // [nb, D]   keys of the block
+    A* Vb = Kb + Kb_n * D;     // [nb, Dv]  values
+    A* dKb = Vb + Kb_n * Dv;   // [nb, D]   dK accumulators
+    A* dVb = dKb + Kb_n * D;   // [nb, Dv]  dV accumulators
+    A* Qp = dVb + Kb_n * Dv;   // [W, D]    packed query row
+    A* Gp = Qp + W * D;        // [W, Dv]   packed output-gradient row
+    A* Lp = Gp + W * Dv;       // [W]       lse of the query row
+    A* Dp = Lp + W;            // [W]       delta of the query row
+    A* Sr = Dp + W;            // [rb] scores, then P    (the block's query segments on one query row)
+    A* Pr = Sr + rb;           // [rb] dP, then dS
+    A* Lr = Pr + rb;           // [rb] lse of each entry's query
+    A* Dr = Lr + rb;           // [rb] delta of each entry's query
+    int64_t* lo = sc.idx.data();
+    int64_t* n = lo + Kb_n;
+    int64_t* off = n + Kb_n;
+    const Interval it = pr.inv[0][kt], ih = pr.inv[1][kh];
+    const S* krow = k + b * ks.s[0] + kt * ks.s[1] + kh * ks.s[2] + g * ks.s[4];
+    const S* vrow = v + b * vs.s[0] + kt * vs.s[1] + kh * vs.s[2] + g * vs.s[4];
+    const int64_t flat_row_k = (kt * Hk + kh) * Wk;
+    for (int64_t k0 = 0; k0 < Wk; k0 += Kb_n) {
+      const int64_t nb = std::min(Kb_n, Wk - k0);
+      pack_rows<kUnit>(Kb, krow + k0 * ks.s[3], nb, ks.s[3], ks.s[5], D);
+      pack_rows<kUnit>(Vb, vrow + k0 * vs.s[3], nb, vs.s[3], vs.s[5], Dv);
+      std::fill(dKb, dKb + nb * (D + Dv), A(0));  // dKb and dVb are adjacent
+      for (int64_t t = it.lo; t <= it.hi; ++t) {
+        for (int64_t h = ih.lo; h <= ih.hi; ++h) {
+          const int64_t flat_row_q = (t * H + h) * W;
+          // Query segments of the block's keys on this query row, and their union.
+          int64_t ulo = std::numeric_limits<int64_t>::max(), uhi = -1;
+          for (int64_t i = 0; i < nb; ++i) {
+            const Interval iw = pr.inv[2][k0 + i];
+            lo[i] = iw.lo;
+            if (pr.p.raster) lo[i] = std::max(lo[i], flat_row_k + k0 + i - flat_row_q);
+            n[i] = std::max<int64_t>(iw.hi - lo[i] + 1, 0);
+            if (n[i] > 0) {
+              ulo = std::min(ulo, lo[i]);
+              uhi = std::max(uhi, iw.hi);
+            }
+          }
+          if (uhi < ulo) continue;
+          const int64_t nq = uhi - ulo + 1;
+          for (int64_t head = g * group; head < (g + 1) * group; ++head) {
+            {  // prefetch the next query row of the walk: the next head here, else the next (t, h)
+              int64_t pt = t, ph = h, phead = head + 1;
+              if (phead == (g + 1) * group) {
+                phead = g * group;
+                if (!next_key_row(it, ih, t, h, &pt, &ph)) pt = -1;
+              }
+              if (pt >= 0) {
+                prefetch_rows(q + b * qs.s[0] + pt * qs.s[1] + ph * qs.s[2] + ulo * qs.s[3] + phead * qs.s[4], nq,
+                              qs.s[3], qs.s[5], D);
+                prefetch_rows(go + b * gs.s[0] + pt * gs.s[1] + ph * gs.s[2] + ulo * gs.s[3] + phead * gs.s[4], nq,
+                              gs.s[3], gs.s[5], Dv);
+              }
+            }
+            const int64_t qoff = t * qs.s[1] + h * qs.s[2] + ulo * qs.s[3] + head * qs.s[4];
+            pack_rows<kUnit>(Qp, q + b * qs.s[0] + qoff, nq, qs.s[3], qs.s[5], D);
+            pack_rows<kUnit>(Gp, go + b * gs.s[0] + t * gs.s[1] + h * gs.s[2] + ulo * gs.s[3] + head * gs.s[4], nq,
+                             gs.s[3], gs.s[5], Dv);
+            const A* lrow = lse + b * ls.s[0] + t * ls.s[1] + h * ls.s[2] + ulo * ls.s[3] + head * ls.s[4];
+            const A* drow = delta + b * dls.s[0] + t * dls.s[1] + h * dls.s[2] + ulo * dls.s[3] + head * dls.s[4];
+            for (int64_t j = 0; j < nq; ++j) {
+              Lp[j] = lrow[j * ls.s[3]];
+              Dp[j] = drow[j * dls.s[3]];
+            }
+            int64_t tot = 0;
+            for (int64_t i = 0; i < nb; ++i) {
+              off[i] = tot;
+              if (n[i] == 0) continue;
+              const int64_t j0 = lo[i] - ulo;
+              dot_rows(Sr + tot, Kb + i * D, Qp + j0 * D, n[i], D);
+              dot_rows(Pr + tot, Vb + i * Dv, Gp + j0 * Dv, n[i], Dv);
+              std::copy(Lp + j0, Lp + j0 + n[i], Lr + tot);
+              std::copy(Dp + j0, Dp + j0 + n[i], Dr + tot);
+              tot += n[i];
+            }
+            probs_and_dscores(Sr, Pr, Lr, Dr, tot, scale);
+            // dV += P^T dO, dK += dS^T Q (scaled at the end).
+            for (int64_t i = 0; i < nb; ++i) {
+              if (n[i] == 0) continue;
+              const int64_t j0 = lo[i] - ulo;
+              axpy_rows(dVb + i * Dv, Sr + off[i], Gp + j0 * Dv, n[i], Dv);
+              axpy_rows(dKb + i * D, Pr + off[i], Qp + j0 * D, n[i], D);
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t ki = ((b * Tk + kt) * Hk + kh) * Wk * heads_kv + (k0 + i) * heads_kv + g;
+        S* dkp = dk + ki * D;
+        S* dvp = dv + ki * Dv;
+        for (int64_t d = 0; d < D; ++d) dkp[d] = static_cast<S>(scale * dKb[i * D + d]);
+        for (int64_t d = 0; d < Dv; ++d) dvp[d] = static_cast<S>(dVb[i * Dv + d]);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Op entry points (CPU dispatch key)
+// ------------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value, at::IntArrayRef kernel_size,
+                                                c10::List<bool> causal_axes, bool raster_causal, bool shift_border,
+                                                double scale) {
+  check_inputs(query, key, value, kernel_size, causal_axes);
+  TORCH_CHECK(query.device().is_cpu(), "na3d_fwd (CPU kernel): tensors must be on the CPU");
+  const auto dtype = query.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<int64_t> out_shape(query.sizes().begin(), query.sizes().end());
+  out_shape.back() = value.size(5);
+  at::Tensor out = at::empty(out_shape, query.options());
+  at::Tensor lse = at::empty(query.sizes().slice(0, 5), query.options().dtype(acc));
+  if (lse.numel() == 0) {  // no query (B = 0, an empty grid or no heads)
+    out.zero_();
+    return {out, lse};
+  }
+  if (key.size(1) * key.size(2) * key.size(3) == 0) {  // an empty key grid: no key for any query
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale);
+  const bool unit = unit_last(query) && unit_last(key) && unit_last(value);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "na3d_fwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* qp = query.const_data_ptr<scalar_t>();
+    const scalar_t* kp = key.const_data_ptr<scalar_t>();
+    const scalar_t* vp = value.const_data_ptr<scalar_t>();
+    if (unit)
+      fwd_kernel<scalar_t, true>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
+                                 out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+    else
+      fwd_kernel<scalar_t, false>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
+                                  out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& lse_in, const at::Tensor& delta_in, at::IntArrayRef kernel_size, c10::List<bool> causal_axes,
+    bool raster_causal, bool shift_border, double scale) {
+  check_inputs(query, key, value, kernel_size, causal_axes);
+  TORCH_CHECK(query.device().is_cpu(), "na3d_bwd (CPU kernel): tensors must be on the CPU");
+  const auto dtype = query.scalar_type();
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<int64_t> out_shape(query.sizes().begin(), query.sizes().end());
+  out_shape.back() = value.size(5);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), "na3d_bwd: grad_out must have shape ", out_shape,
+              ", got ", grad_out.sizes());
+  TORCH_CHECK(lse_in.sizes() == query.sizes().slice(0, 5), "na3d_bwd: lse must have shape ",
+              query.sizes().slice(0, 5), ", got ", lse_in.sizes());
+  TORCH_CHECK(delta_in.sizes() == query.sizes().slice(0, 5), "na3d_bwd: delta must have shape ",
+              query.sizes().slice(0, 5), ", got ", delta_in.sizes());
+  TORCH_CHECK(grad_out.device() == query.device() && lse_in.device() == query.device() &&
+                  delta_in.device() == query.device(),
+              "na3d_bwd: all tensors must be on the same device");
+  // grad_out in the input dtype, lse/delta in the accumulation dtype: converted only if they differ
+  // (O(B * N * heads) for lse/delta).
+  const at::Tensor go = grad_out.scalar_type() == dtype ? grad_out : grad_out.to(dtype);
+  const at::Tensor lse = lse_in.scalar_type() == acc ? lse_in : lse_in.to(acc);
+  const at::Tensor delta = delta_in.scalar_type() == acc ? delta_in : delta_in.to(acc);
+
+  at::Tensor dq = at::empty(query.sizes(), query.options());
+  at::Tensor dk = at::empty(key.sizes(), key.options());
+  at::Tensor dv = at::empty(value.sizes(), value.options());
+  if (lse.numel() == 0 || key.size(1) * key.size(2) * key.size(3) == 0) {  // no query, or no key
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale);
+  const bool unit = unit_last(query) && unit_last(key) && unit_last(value) && unit_last(go);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "na3d_bwd_cpu", [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    const scalar_t* qp = query.const_data_ptr<scalar_t>();
+    const scalar_t* kp = key.const_data_ptr<scalar_t>();
+    const scalar_t* vp = value.const_data_ptr<scalar_t>();
+    const A* lp = lse.const_data_ptr<A>();
+    const A* dlp = delta.const_data_ptr<A>();
+    const Strides gs = strides_of(go), qs = strides_of(query), ks = strides_of(key), vs = strides_of(value);
+    const Strides ls = strides_of(lse), dls = strides_of(delta);
+    if (unit) {
+      bwd_dq_kernel<scalar_t, true>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dq.data_ptr<scalar_t>());
+      bwd_dkv_kernel<scalar_t, true>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dk.data_ptr<scalar_t>(),
+                                     dv.data_ptr<scalar_t>());
+    } else {
+      bwd_dq_kernel<scalar_t, false>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dq.data_ptr<scalar_t>());
+      bwd_dkv_kernel<scalar_t, false>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dk.data_ptr<scalar_t>(),
+                                      dv.data_ptr<scalar_t>());
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace nuwa
+
+TORCH_LIBRARY_IMPL(nuwa_kernels, CPU, m) {
+  m.impl("na3d_fwd", &nuwa::cpu::na3d_fwd_cpu);
+  m.impl("na3d_bwd", &nuwa::cpu::na3d_bwd_cpu);
+}

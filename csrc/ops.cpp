@@ -1,0 +1,75 @@
+// Op declarations of the fused C++ backends (schemas: docs/DESIGN.md, nuwa_kernels/_ops.py).
+//
+//   nuwa_kernels::na3d_fwd / na3d_bwd   the fused kernels; implemented per dispatch key in
+//                                       csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
+//   nuwa_kernels::window_table          a test hook: the per-axis window and inverse-window tables
+//                                       computed by csrc/window.h, compared with window.py by
+//                                       tests/test_window_header.py.
+//
+// Fake (meta) kernels and autograd are registered from Python (nuwa_kernels/backends/_fused_ops.py).
+// This file also defines the module init of nuwa_kernels._C, which holds no Python bindings: importing
+// it runs the static registrations below.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "window.h"
+
+extern "C" {
+// `import nuwa_kernels._C` loads this shared library, which registers the ops with the dispatcher.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      "nuwa_kernels C++ ops, registered under torch.ops.nuwa_kernels",
+      -1,    // size of per-interpreter state
+      nullptr,
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace nuwa {
+namespace {
+
+// (lo, hi) of every query coordinate, shape (q_len, 2), and (first, last) of every key coordinate,
+// shape (k_len, 2): the one-axis tables of window.h's axis_window / axis_inverse_window.
+std::tuple<at::Tensor, at::Tensor> window_table(int64_t q_len, int64_t k_len, int64_t k, bool causal, bool shift) {
+  TORCH_CHECK(q_len >= 0 && k_len >= 0, "window_table: q_len and k_len must be >= 0, got ", q_len, " and ", k_len);
+  TORCH_CHECK(k >= 1, "window_table: k must be a positive int, got ", k);
+  at::Tensor win = at::empty({q_len, 2}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor inv = at::empty({k_len, 2}, at::TensorOptions().dtype(at::kLong));
+  int64_t* wp = win.data_ptr<int64_t>();
+  int64_t* ip = inv.data_ptr<int64_t>();
+  for (int64_t i = 0; i < q_len; ++i) {
+    const Interval iv = axis_window(i, q_len, k_len, k, causal, shift);
+    wp[2 * i] = iv.lo;
+    wp[2 * i + 1] = iv.hi;
+  }
+  for (int64_t j = 0; j < k_len; ++j) {
+    const Interval iv = axis_inverse_window(j, q_len, k_len, k, causal, shift);
+    ip[2 * j] = iv.lo;
+    ip[2 * j + 1] = iv.hi;
+  }
+  return {win, inv};
+}
+
+}  // namespace
+}  // namespace nuwa
+
+TORCH_LIBRARY(nuwa_kernels, m) {
+  m.def(
+      "na3d_fwd(Tensor query, Tensor key, Tensor value, int[] kernel_size, bool[] causal_axes, "
+      "bool raster_causal, bool shift_border, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "na3d_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor delta, "
+      "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, float scale) "
+      "-> (Tensor, Tensor, Tensor)");
+  // No tensor arguments: registered as a catch-all kernel.
+  m.def("window_table(int q_len, int k_len, int k, bool causal, bool shift) -> (Tensor window, Tensor inverse)",
+        &nuwa::window_table);
+}

@@ -1,0 +1,49 @@
+"""The fused C++ op pair ``nuwa_kernels::na3d_fwd`` / ``na3d_bwd``, shared by the cpu and cuda backends.
+
+The ops are declared in ``csrc/ops.cpp`` and implemented per dispatch key (CPU in ``csrc/cpu/``, CUDA in
+``csrc/cuda/``). Their fake kernels and autograd formula come from :mod:`nuwa_kernels._ops` and are
+registered here, once, when this module is first imported and the extension loaded; both backends import
+this module, so neither registers twice.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _extension, _ops
+
+FWD_NAME = "nuwa_kernels::na3d_fwd"
+BWD_NAME = "nuwa_kernels::na3d_bwd"
+
+_registered = False
+
+
+def load_error() -> Optional[str]:
+    """Why the fused ops are unavailable (the extension is not built or failed to load), else ``None``."""
+    return _extension.LOAD_ERROR if not _extension.loaded() else None
+
+
+def ensure_registered() -> bool:
+    """Register the fused pair's fake kernels and autograd once; ``False`` without the extension."""
+    global _registered
+    if not _extension.loaded():
+        return False
+    if not _registered:
+        _ops.register_fake_and_autograd(FWD_NAME, BWD_NAME)
+        _registered = True
+    return True
+
+
+def fwd_op():
+    """``torch.ops.nuwa_kernels.na3d_fwd.default`` (the extension must be loaded)."""
+    return torch.ops.nuwa_kernels.na3d_fwd.default
+
+
+def bwd_op():
+    """``torch.ops.nuwa_kernels.na3d_bwd.default`` (the extension must be loaded)."""
+    return torch.ops.nuwa_kernels.na3d_bwd.default
+
+
+ensure_registered()

@@ -1,0 +1,387 @@
+"""The fused C++ CPU kernel (``backend="cpu"``: ``nuwa_kernels::na3d_fwd`` / ``na3d_bwd`` on CPU).
+
+Compared with the float64 oracle written from the contract (tests/oracle.py): outputs, LSE and
+gradients, for every causal mode, both borders, odd/even/1/None kernel sizes, cross grids, grouped heads,
+all four dtypes and strided inputs; plus gradcheck, opcheck, torch.compile and determinism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nuwa_kernels import _extension, _ops
+from nuwa_kernels.backends import cpu
+from nuwa_kernels.window import make_window_spec, window_mask
+from oracle import TOLERANCE, oracle_attention, random_grid_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(not _extension.loaded(), reason=f"{_extension.LOAD_ERROR}")
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    q_grid: tuple
+    kv_grid: tuple = None  # None: the query grid
+    kernel_size: object = 3
+    causal: object = False
+    border: str = "truncate"
+    heads: int = 2
+    heads_kv: int = 2
+    D: int = 16
+    B: int = 2
+
+    @property
+    def kv(self):
+        return self.kv_grid or self.q_grid
+
+    def spec(self):
+        return make_window_spec(self.q_grid, self.kv, self.kernel_size, self.causal, self.border)
+
+    def inputs(self, dtype, requires_grad=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return random_grid_inputs(self.B, self.q_grid, self.kv, self.heads, self.heads_kv, self.D,
+                                  dtype=dtype, requires_grad=requires_grad, generator=g)
+
+
+CASES = [
+    Case("video-333", (3, 5, 6)),
+    Case("video-333-raster", (3, 5, 6), causal=True),
+    Case("raster-even-shift-gqa", (3, 4, 7), kernel_size=(2, 4, 4), causal=True, border="shift", heads=4,
+         heads_kv=2),
+    Case("frame-causal", (4, 3, 5), causal=(True, False, False)),
+    Case("hw-causal-shift-even", (2, 5, 6), kernel_size=(3, 2, 4), causal=(False, True, True),
+         border="shift"),
+    Case("all-axes-causal-none", (3, 3, 4), kernel_size=(2, None, 3), causal=(True, True, True)),
+    Case("even-truncate", (3, 4, 6), kernel_size=(2, 4, 2)),
+    Case("even-shift", (3, 4, 6), kernel_size=4, border="shift"),
+    Case("k1-identity", (2, 3, 4), kernel_size=1),
+    Case("none-full", (2, 3, 5), kernel_size=None),
+    Case("none-raster-shift", (2, 3, 4), kernel_size=(None, 2, None), causal=True, border="shift"),
+    Case("text-preset", (9, 1, 1), kernel_size=(None, 1, 1), causal=True),
+    Case("image-preset", (1, 6, 7), kernel_size=(1, 3, 3)),
+    Case("cross-4x6x5-to-2x3x7", (4, 6, 5), (2, 3, 7)),
+    Case("cross-down-frame-causal", (4, 6, 5), (2, 3, 7), kernel_size=(3, 2, 5), causal=(True, False, False),
+         border="shift"),
+    Case("cross-up-gqa", (2, 3, 4), (3, 5, 6), kernel_size=(2, 3, None), heads=4, heads_kv=1),
+    Case("big-window-shift", (3, 5, 9), kernel_size=7, border="shift", B=1),
+    Case("gqa-4to1", (2, 4, 5), heads=4, heads_kv=1),
+    Case("d84-tails", (2, 3, 5), D=84, B=1),  # 4 lane blocks + 1 + a scalar tail (float32)
+    Case("d5-scalar", (2, 3, 5), kernel_size=(3, 3, 5), D=5),
+]
+HALF_CASES = ("video-333-raster", "cross-down-frame-causal", "even-shift", "d84-tails", "gqa-4to1")
+DTYPE_IDS = {torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def run_cpu(case: Case, q, k, v, scale=None):
+    scale = case.D ** -0.5 if scale is None else scale
+    return cpu.forward(q, k, v, case.spec(), scale)
+
+
+def run_oracle(case: Case, q, k, v, scale=None):
+    return oracle_attention(q, k, v, case.kernel_size, case.causal, case.border, scale)
+
+
+def _dtype_cases():
+    out = []
+    for c in CASES:
+        for dt in (torch.float64, torch.float32):
+            out.append(pytest.param(c, dt, id=f"{c.id}-{DTYPE_IDS[dt]}"))
+        if c.id in HALF_CASES:
+            for dt in (torch.float16, torch.bfloat16):
+                out.append(pytest.param(c, dt, id=f"{c.id}-{DTYPE_IDS[dt]}"))
+    return out
+
+
+@pytest.mark.parametrize("case,dtype", _dtype_cases())
+def test_forward_matches_oracle(case, dtype):
+    q, k, v = case.inputs(dtype)
+    out, lse = run_cpu(case, q, k, v)
+    ref_out, ref_lse = run_oracle(case, q, k, v)
+    assert out.dtype == dtype and out.shape == ref_out.shape and out.is_contiguous()
+    assert lse.dtype == _ops.accum_dtype(dtype) and lse.shape == ref_lse.shape and lse.is_contiguous()
+    assert rel_err(out, ref_out) < TOLERANCE[dtype]
+    assert rel_err(lse, ref_lse) < TOLERANCE[_ops.accum_dtype(dtype)]
+
+
+def _loss_grads(out, lse, inputs, g_out, g_lse):
+    loss = (out.double() * g_out).sum() + (lse.double() * g_lse).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_gradients_float64_match_oracle(case):
+    """dQ, dK, dV through a loss on both the output and the LSE (delta = rowsum(dO * O) - dLSE)."""
+    q, k, v = case.inputs(torch.float64, requires_grad=True)
+    out, lse = run_cpu(case, q, k, v)
+    ref_out, ref_lse = run_oracle(case, q, k, v)
+    g = torch.Generator().manual_seed(1)
+    g_out = torch.randn(ref_out.shape, dtype=torch.float64, generator=g)
+    g_lse = torch.randn(ref_lse.shape, dtype=torch.float64, generator=g)
+    got = _loss_grads(out, lse, (q, k, v), g_out, g_lse)
+    want = _loss_grads(ref_out, ref_lse, (q, k, v), g_out, g_lse)
+    for name, a, b in zip("qkv", got, want):
+        assert a.shape == b.shape and a.dtype == torch.float64
+        assert rel_err(a, b) < TOLERANCE[torch.float64], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in HALF_CASES], ids=lambda c: c.id)
+def test_gradients_low_precision_match_oracle(case, dtype):
+    q, k, v = case.inputs(dtype, requires_grad=True)
+    out, lse = run_cpu(case, q, k, v)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = run_oracle(case, qd, kd, vd)
+    g = torch.Generator().manual_seed(1)
+    g_out = torch.randn(ref_out.shape, dtype=torch.float64, generator=g)
+    g_lse = torch.randn(ref_lse.shape, dtype=torch.float64, generator=g)
+    got = _loss_grads(out, lse, (q, k, v), g_out.to(dtype).double(), g_lse)
+    want = _loss_grads(ref_out, ref_lse, (qd, kd, vd), g_out.to(dtype).double(), g_lse)
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype
+        assert rel_err(a, b) < TOLERANCE[dtype], name
+
+
+GRADCHECK_CASES = [c for c in CASES if c.id in ("video-333-raster", "cross-up-gqa", "even-shift")]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: c.id)
+def test_gradcheck_float64(case):
+    small = Case(case.id, tuple(min(x, 3) for x in case.q_grid), tuple(min(x, 3) for x in case.kv),
+                 case.kernel_size, case.causal, case.border, case.heads // case.heads_kv, 1, D=3, B=1)
+    q, k, v = small.inputs(torch.float64, requires_grad=True)
+
+    def f(q, k, v):
+        out, lse = run_cpu(small, q, k, v, scale=0.7)
+        return out, lse
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# strides: the fused path reads any strides, no hidden contiguous copy
+# ----------------------------------------------------------------------------------------------
+
+
+STRIDED = {
+    "bhnd-permuted": lambda t: t.permute(0, 5, 1, 2, 3, 4).contiguous().permute(0, 2, 3, 4, 5, 1),
+    "heads-major": lambda t: t.permute(0, 4, 1, 2, 3, 5).contiguous().permute(0, 2, 3, 4, 1, 5),
+    "d-stride-2": lambda t: torch.stack([t, torch.full_like(t, float("nan"))], dim=-1).flatten(-2)[..., ::2],
+    "w-sliced": lambda t: torch.cat([t, torch.full_like(t, float("nan"))], dim=3)[:, :, :, : t.shape[3]],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("layout", list(STRIDED))
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("video-333-raster", "cross-up-gqa")],
+                         ids=lambda c: c.id)
+def test_strided_inputs(case, layout, dtype):
+    q, k, v = case.inputs(dtype)
+    qs, ks, vs = (STRIDED[layout](x) for x in (q, k, v))
+    assert torch.equal(qs, q) or torch.allclose(qs.double(), q.double())
+    if layout != "w-sliced":
+        assert not qs.is_contiguous()
+    out, lse = run_cpu(case, qs, ks, vs)
+    ref_out, ref_lse = run_oracle(case, q, k, v)
+    assert rel_err(out, ref_out) < TOLERANCE[dtype]
+    assert rel_err(lse, ref_lse) < TOLERANCE[_ops.accum_dtype(dtype)]
+    # gradients through strided inputs (and a strided, expanded grad_out) equal the contiguous ones
+    qs, ks, vs = (x.detach().requires_grad_() for x in (qs, ks, vs))
+    qc, kc, vc = (x.detach().contiguous().requires_grad_() for x in (qs, ks, vs))
+    go = torch.randn(out.shape[:-1], dtype=torch.float32).to(dtype)[..., None].expand(out.shape)
+    g1 = torch.autograd.grad(run_cpu(case, qs, ks, vs)[0], (qs, ks, vs), go)
+    g2 = torch.autograd.grad(run_cpu(case, qc, kc, vc)[0], (qc, kc, vc), go.contiguous())
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_expanded_batch_key():
+    """A key/value broadcast over the batch (stride 0) reads the same data for every batch."""
+    case = Case("bcast", (2, 3, 4), heads=2, heads_kv=1)
+    q, k, v = case.inputs(torch.float64)
+    k1, v1 = k[:1].expand_as(k), v[:1].expand_as(v)
+    out, lse = run_cpu(case, q, k1, v1)
+    ref_out, ref_lse = run_oracle(case, q, k1.contiguous(), v1.contiguous())
+    assert rel_err(out, ref_out) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
+
+
+def test_blocked_queries_big_window():
+    """A window wider than the per-thread score budget splits query rows into blocks."""
+    case = Case("blocked", (1, 24, 100), kernel_size=None, heads=1, heads_kv=1, D=8, B=1)
+    q, k, v = case.inputs(torch.float64)
+    out, lse = run_cpu(case, q, k, v, scale=0.3)
+    mask = window_mask(case.spec())
+    s = torch.einsum("qd,kd->qk", q.reshape(-1, 8), k.reshape(-1, 8)) * 0.3
+    s = s.masked_fill(~mask, float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    ref_out = torch.softmax(s, -1) @ v.reshape(-1, 8)
+    assert rel_err(out.reshape(-1, 8), ref_out) < 1e-12
+    assert rel_err(lse.reshape(-1), ref_lse) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# op registration: opcheck, torch.compile, determinism, errors
+# ----------------------------------------------------------------------------------------------
+
+
+def _op_args(case: Case, dtype=torch.float32):
+    q, k, v = case.inputs(dtype)
+    return (q, k, v, *_ops.spec_op_args(case.spec()), 0.25)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[14]], ids=lambda c: c.id)
+def test_opcheck_fwd(case):
+    q, k, v, *rest = _op_args(case, torch.float64)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(torch.ops.nuwa_kernels.na3d_fwd.default, (q, k, v, *rest))
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[14]], ids=lambda c: c.id)
+def test_opcheck_bwd(case):
+    q, k, v, *rest = _op_args(case, torch.float64)
+    out, lse = torch.ops.nuwa_kernels.na3d_fwd(q, k, v, *rest)
+    go = torch.randn_like(out)
+    delta = (go * out).sum(-1)
+    torch.library.opcheck(torch.ops.nuwa_kernels.na3d_bwd.default, (go, q, k, v, lse, delta, *rest))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    case = CASES[3]
+    spec = case.spec()
+    q, k, v = case.inputs(torch.float32, requires_grad=True)
+
+    def f(q, k, v):
+        out, lse = cpu.forward(q, k, v, spec, 0.25)
+        return (out * out).sum() + lse.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    assert torch.allclose(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_fullgraph():
+    """The default (inductor) backend too: the op stays a single extern call, no graph break."""
+    case = CASES[1]
+    spec = case.spec()
+    q, k, v = case.inputs(torch.float32, requires_grad=True)
+
+    def f(q, k, v):
+        out, lse = cpu.forward(q, k, v, spec, 0.25)
+        return (out * out).sum() + lse.sum()
+
+    loss_c = torch.compile(f, fullgraph=True)(q, k, v)
+    grads_c = torch.autograd.grad(loss_c, (q, k, v))
+    grads_e = torch.autograd.grad(f(q, k, v), (q, k, v))
+    for a, b in zip(grads_c, grads_e):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_and_thread_count_invariant():
+    """Bitwise-identical results run to run and for 1 vs 2 threads (no atomics, fixed orders)."""
+    case = CASES[2]
+    q, k, v = case.inputs(torch.float32, requires_grad=True)
+
+    def run():
+        out, lse = run_cpu(case, q, k, v)
+        return (out, lse, *torch.autograd.grad((out * out).sum() + lse.sum(), (q, k, v)))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = run()
+        torch.set_num_threads(2)
+        b = run()
+        c = run()
+    finally:
+        torch.set_num_threads(threads)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(y, z)
+
+
+def test_empty_batch():
+    case = Case("empty", (2, 3, 4), B=0)
+    q, k, v = case.inputs(torch.float32, requires_grad=True)
+    out, lse = run_cpu(case, q, k, v)
+    assert out.shape == (0, 2, 3, 4, 2, 16) and lse.shape == (0, 2, 3, 4, 2)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_bwd_reads_strided_lse_delta_and_other_dtypes():
+    """lse/delta with any strides (and grad_out in another dtype) give the same gradients."""
+    case = CASES[2]
+    q, k, v, *rest = _op_args(case, torch.float32)
+    out, lse = torch.ops.nuwa_kernels.na3d_fwd(q, k, v, *rest)
+    go = torch.randn_like(out)
+    delta = (go * out).sum(-1)
+    ref = torch.ops.nuwa_kernels.na3d_bwd(go, q, k, v, lse, delta, *rest)
+    heads_first = lambda t: t.permute(4, 0, 1, 2, 3).contiguous().permute(1, 2, 3, 4, 0)  # noqa: E731
+    got = torch.ops.nuwa_kernels.na3d_bwd(go.double(), q, k, v, heads_first(lse), heads_first(delta).double(),
+                                          *rest)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_empty_key_grid_gives_zero_output():
+    """Only reachable through the op (the API rejects it): no key, out = 0, lse = -inf, zero grads."""
+    q = torch.randn(1, 2, 3, 4, 2, 8)
+    k = torch.randn(1, 0, 3, 4, 2, 8)
+    spec_args = ([3, 3, 3], [False, False, False], False, False, 0.5)
+    out, lse = torch.ops.nuwa_kernels.na3d_fwd(q, k, k, *spec_args)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+    dq, dk, dv = torch.ops.nuwa_kernels.na3d_bwd(torch.ones_like(out), q, k, k, lse, lse, *spec_args)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == k.shape
+
+
+def test_kernel_checks_are_clear():
+    """A second line of defence behind the API's validation: TORCH_CHECK with the argument named."""
+    case = CASES[0]
+    q, k, v, *rest = _op_args(case)
+    k3, v3 = (x[..., :1, :].repeat(1, 1, 1, 1, 3, 1) for x in (k, v))  # 2 heads over 3 kv heads
+    with pytest.raises(RuntimeError, match="heads_kv"):
+        torch.ops.nuwa_kernels.na3d_fwd(q, k3, v3, *rest)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        torch.ops.nuwa_kernels.na3d_fwd(q, k[..., :8], v, *rest)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.nuwa_kernels.na3d_fwd(q, k.double(), v, *rest)
+
+
+# ----------------------------------------------------------------------------------------------
+# the backend module and the public API
+# ----------------------------------------------------------------------------------------------
+
+
+def test_can_run_reasons():
+    case = CASES[0]
+    q, k, v = case.inputs(torch.float32)
+    assert cpu.can_run(q, k, v, case.spec()) == (True, "")
+    ok, why = cpu.can_run(q.to("meta"), k.to("meta"), v.to("meta"), case.spec())
+    assert not ok and "CPU" in why
+    ok, why = cpu.can_run(q.to(torch.complex64), k.to(torch.complex64), v.to(torch.complex64), case.spec())
+    assert not ok and "dtype" in why
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("video-333-raster", "cross-down-frame-causal",
+                                                               "none-raster-shift")], ids=lambda c: c.id)
+def test_public_api_backend_cpu(case):
+    nk = pytest.importorskip("nuwa_kernels")
+    if not hasattr(nk, "nearby_attention"):
+        pytest.skip("nuwa_kernels.nearby_attention is not available yet")
+    q, k, v = case.inputs(torch.float64, requires_grad=True)
+    out, lse = nk.nearby_attention(q, k, v, kernel_size=case.kernel_size, causal=case.causal,
+                                   border=case.border, return_lse=True, backend="cpu")
+    ref_out, ref_lse = run_oracle(case, q, k, v)
+    assert rel_err(out, ref_out) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
+    g_out = torch.randn_like(ref_out)
+    got = torch.autograd.grad((out * g_out).sum(), (q, k, v))
+    want = torch.autograd.grad((ref_out * g_out).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-12
