@@ -1,0 +1,128 @@
+"""The ``triton`` backend: fused Triton kernels for CUDA tensors (and CPU tensors under
+``TRITON_INTERPRET=1``, which is how CI runs them).
+
+* :mod:`.plan`: host-side tiling plan (brick shapes, per-axis window tables, tile lists).
+* :mod:`.fwd`: forward kernel (online softmax, LSE out).
+* :mod:`.bwd`: FlashAttention-2 style backward (``dQ`` sweep over key tiles, deterministic ``dK/dV``
+  sweep over the inverse neighbourhood, GQA summed inside the program).
+* :mod:`.stats`: :func:`tile_stats` (useful vs computed pairs of the forward schedule).
+
+Ops: ``nuwa_kernels::triton_fwd`` / ``nuwa_kernels::triton_bwd`` (schemas in ``_ops.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ... import _ops
+from ...window import WindowSpec
+from ._common import HAS_TRITON, INTERPRET, TRITON_IMPORT_ERROR
+
+NAME = "triton"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+__all__ = ["NAME", "can_run", "forward", "tile_stats", "SUPPORTED_DTYPES"]
+
+
+def can_run(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tuple[bool, str]:
+    """Whether the Triton kernels can run this call, and the reason when they cannot."""
+    if not HAS_TRITON:
+        return False, f"triton is not importable ({TRITON_IMPORT_ERROR})"
+    devices = {t.device.type for t in (query, key, value)}
+    if len(devices) != 1:
+        return False, f"query, key and value are on different devices ({sorted(devices)})"
+    dev = query.device.type
+    if dev == "cpu":
+        if not INTERPRET:
+            return False, (
+                "the triton backend runs CUDA tensors; CPU tensors only under the Triton interpreter "
+                "(TRITON_INTERPRET=1 set before nuwa_kernels is imported)"
+            )
+    elif dev != "cuda":
+        return False, f"the triton backend runs CUDA tensors (or CPU under TRITON_INTERPRET=1); got device {dev!r}"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            extra = " (float64 is not supported by tl.dot; use backend='cpu' or 'reference')" if t.dtype == torch.float64 else ""
+            return False, f"{name} dtype {t.dtype} is not supported by the triton backend: needs float16, bfloat16 or float32{extra}"
+    if not (query.dtype == key.dtype == value.dtype):
+        return False, f"query/key/value dtypes differ ({query.dtype}, {key.dtype}, {value.dtype})"
+    if query.dim() != 6 or key.dim() != 6 or value.dim() != 6:
+        return False, "the triton backend takes grid-layout tensors (B, T, H, W, heads, D)"
+    d = query.shape[-1]
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM):
+        return False, (
+            f"head_dim D={d} is not supported by the triton backend (head dim must be "
+            f"{MIN_HEAD_DIM}..{MAX_HEAD_DIM})"
+        )
+    if key.shape[-1] != d:
+        return False, f"key head_dim {key.shape[-1]} differs from query head_dim {d}"
+    if value.shape[-1] != d:
+        return False, f"value head_dim (Dv={value.shape[-1]}) must equal the query head_dim (D={d}) in the triton backend"
+    return True, ""
+
+
+def _spec_from_args(query, key, kernel_size, causal_axes, raster_causal, shift_border) -> WindowSpec:
+    return WindowSpec(
+        tuple(int(k) for k in kernel_size),  # type: ignore[arg-type]
+        tuple(bool(c) for c in causal_axes),  # type: ignore[arg-type]
+        bool(raster_causal),
+        bool(shift_border),
+        tuple(query.shape[1:4]),  # type: ignore[arg-type]
+        tuple(key.shape[1:4]),  # type: ignore[arg-type]
+    )
+
+
+def _plan_for(spec: WindowSpec, head_dim: int, nq: int, nk: int):
+    from .plan import current_override, default_config, get_plan, interpreter_config
+
+    config = current_override()
+    if config is None:
+        config = interpreter_config(nq, nk) if INTERPRET else default_config(head_dim, spec)
+    return get_plan(spec, config)
+
+
+def _fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale):
+    from .fwd import launch_forward
+
+    spec = _spec_from_args(query, key, kernel_size, causal_axes, raster_causal, shift_border)
+    plan = _plan_for(spec, query.shape[-1], _numel3(spec.q_grid), _numel3(spec.kv_grid))
+    return launch_forward(query, key, value, plan, scale)
+
+
+def _bwd_impl(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster_causal, shift_border, scale):
+    from .bwd import launch_backward
+
+    spec = _spec_from_args(query, key, kernel_size, causal_axes, raster_causal, shift_border)
+    plan = _plan_for(spec, query.shape[-1], _numel3(spec.q_grid), _numel3(spec.kv_grid))
+    return launch_backward(grad_out, query, key, value, lse, delta, plan, scale)
+
+
+def _numel3(g) -> int:
+    return int(g[0]) * int(g[1]) * int(g[2])
+
+
+triton_fwd, triton_bwd = _ops.define_python_ops(NAME, _fwd_impl, _bwd_impl)
+
+
+def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: float) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of nearby attention through ``nuwa_kernels::triton_fwd`` (differentiable).
+
+    Args:
+        query: ``(B, T, H, W, heads, D)``; key: ``(B, Tk, Hk, Wk, heads_kv, D)``;
+            value: ``(B, Tk, Hk, Wk, heads_kv, D)``; any strides, float16/bfloat16/float32.
+        spec: normalised window (``window.make_window_spec``); scale: resolved softmax scale.
+    Returns:
+        ``out (B, T, H, W, heads, D)`` contiguous in the input dtype, ``lse (B, T, H, W, heads)`` float32.
+    """
+    return triton_fwd(query, key, value, *_ops.spec_op_args(spec), float(scale))
+
+
+def tile_stats(*args, **kwargs):
+    """See :func:`nuwa_kernels.backends.triton.stats.tile_stats`."""
+    from .stats import tile_stats as _tile_stats
+
+    return _tile_stats(*args, **kwargs)

@@ -1,0 +1,182 @@
+"""Forward kernel of the Triton backend: one program per (query brick, batch * head).
+
+The program walks only the key tiles its plan lists (:mod:`.plan`), scores them with ``tl.dot``,
+masks per element only tiles that are not full on every axis (or that straddle the raster-causal
+boundary), and keeps an online softmax in float32 (base-2 exponentials, natural-log LSE out).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import LOG2E, autotune_configs, dot_precision, triton, tl, upcast_tiles
+from ._common import brick_coords, tile_entry, window_mask  # noqa: F401  (jit helpers)
+from .plan import AttentionPlan
+
+# Runtime ints that must not be specialised on their value (1 / multiples of 16): they only feed
+# index arithmetic, and specialising them would multiply the compiled variants.
+_NO_SPEC = [
+    "NB_T", "NB_H", "NB_W", "MAX_T", "MAX_H", "MAX_W",
+    "LOG_BT", "LOG_BH", "LOG_BW", "LOG_KT", "LOG_KH", "LOG_KW",
+    "T", "H", "W", "TK", "HK", "WK", "HEADS", "GROUP", "D",
+]
+
+
+@triton.autotune(configs=autotune_configs(), key=["BLOCK_M", "BLOCK_N", "BLOCK_D", "RASTER", "PRECISION"])
+@triton.jit(do_not_specialize=_NO_SPEC)
+def nearby_fwd_kernel(
+    Q, K, V, O, LSE, WIN, TILES, BOUNDS,
+    sqb, sqt, sqh, sqw, sqn, sqd,
+    skb, skt, skh, skw, skn, skd,
+    svb, svt, svh, svw, svn, svd,
+    sob, sot, soh, sow, son, sod,
+    slb, slt, slh, slw, sln,
+    T, H, W, TK, HK, WK, HEADS, GROUP, D,
+    NB_T, NB_H, NB_W, MAX_T, MAX_H, MAX_W,
+    LOG_BT, LOG_BH, LOG_BW, LOG_KT, LOG_KH, LOG_KW,
+    scale_log2,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RASTER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // HEADS
+    i_n = i_bh % HEADS
+    i_nk = i_n // GROUP
+    # brick (pt, ph, pw) of the query grid
+    pw = i_m % NB_W
+    ph = (i_m // NB_W) % NB_H
+    pt = i_m // (NB_W * NB_H)
+    t0 = pt << LOG_BT
+    h0 = ph << LOG_BH
+    w0 = pw << LOG_BW
+    o_r = tl.arange(0, BLOCK_M)
+    qt, qh, qw = brick_coords(o_r, t0, h0, w0, LOG_BH, LOG_BW)
+    m_q = (qt < T) & (qh < H) & (qw < W)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+
+    # [BLOCK_M, BLOCK_D]
+    p_q = (Q + i_b * sqb + i_n * sqn + qt.to(tl.int64)[:, None] * sqt + qh.to(tl.int64)[:, None] * sqh
+           + qw.to(tl.int64)[:, None] * sqw + o_d.to(tl.int64)[None, :] * sqd)
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+
+    # per-row windows (rows outside the grid see nothing)
+    lt = tl.load(WIN + qt, mask=m_q, other=TK)
+    ht = tl.load(WIN + T + qt, mask=m_q, other=-1)
+    lh = tl.load(WIN + 2 * T + qh, mask=m_q, other=HK)
+    hh = tl.load(WIN + 2 * T + H + qh, mask=m_q, other=-1)
+    lw = tl.load(WIN + 2 * T + 2 * H + qw, mask=m_q, other=WK)
+    hw = tl.load(WIN + 2 * T + 2 * H + W + qw, mask=m_q, other=-1)
+    fq = (qt * H + qh) * W + qw
+    fq0 = (t0 * H + h0) * W + w0
+
+    # tile lists of this brick
+    off_lt = NB_T
+    off_ch = NB_T * (1 + MAX_T)
+    off_lh = off_ch + NB_H
+    off_cw = off_lh + NB_H * MAX_H
+    off_lw = off_cw + NB_W
+    ct = tl.load(TILES + pt)
+    ch = tl.load(TILES + off_ch + ph)
+    cw = tl.load(TILES + off_cw + pw)
+    chw = ch * cw
+    if RASTER:
+        j_begin = tl.load(BOUNDS + 2 * i_m)
+        j_end = tl.load(BOUNDS + 2 * i_m + 1)
+    else:
+        j_begin = 0
+        j_end = ct * chw
+
+    o_c = tl.arange(0, BLOCK_N)
+    ot, oh, ow = brick_coords(o_c, 0, 0, 0, LOG_KH, LOG_KW)
+    k_base = K + i_b * skb + i_nk * skn
+    v_base = V + i_b * svb + i_nk * svn
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for j in range(j_begin, j_end):
+        jt = j // chw
+        jh = (j - jt * chw) // cw
+        jw = j - jt * chw - jh * cw
+        kt0, ft = tile_entry(TILES, off_lt, pt, MAX_T, jt)
+        kh0, fh = tile_entry(TILES, off_lh, ph, MAX_H, jh)
+        kw0, fw = tile_entry(TILES, off_lw, pw, MAX_W, jw)
+        kt = kt0 + ot
+        kh = kh0 + oh
+        kw = kw0 + ow
+        m_k = (kt < TK) & (kh < HK) & (kw < WK)
+        koff = kt.to(tl.int64) * skt + kh.to(tl.int64) * skh + kw.to(tl.int64) * skw
+        # [BLOCK_D, BLOCK_N]
+        b_kT = tl.load(k_base + koff[None, :] + o_d.to(tl.int64)[:, None] * skd,
+                       mask=m_k[None, :] & m_d[:, None], other=0.0)
+        voff = kt.to(tl.int64) * svt + kh.to(tl.int64) * svh + kw.to(tl.int64) * svw
+        # [BLOCK_N, BLOCK_D]
+        b_v = tl.load(v_base + voff[:, None] + o_d.to(tl.int64)[None, :] * svd,
+                      mask=m_k[:, None] & m_d[None, :], other=0.0)
+        if UPCAST:
+            b_kT = b_kT.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        # [BLOCK_M, BLOCK_N], in log2 units
+        b_s = tl.dot(b_q, b_kT, input_precision=PRECISION) * scale_log2
+        full = ft & fh & fw
+        if RASTER:
+            fk_last = ((kt0 + (1 << LOG_KT) - 1) * HK + kh0 + (1 << LOG_KH) - 1) * WK + kw0 + (1 << LOG_KW) - 1
+            full = full & (fk_last <= fq0).to(tl.int32)
+        if full == 0:
+            allowed = window_mask(qt, qh, qw, lt, ht, lh, hh, lw, hw, kt, kh, kw)
+            if RASTER:
+                fk = (kt * HK + kh) * WK + kw
+                allowed = allowed & (fk[None, :] <= fq[:, None])
+            b_s = tl.where(allowed, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        b_p = tl.exp2(b_s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(b_p, 1)
+        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    b_o = acc / l_safe[:, None]
+    p_o = (O + i_b * sob + i_n * son + qt.to(tl.int64)[:, None] * sot + qh.to(tl.int64)[:, None] * soh
+           + qw.to(tl.int64)[:, None] * sow + o_d.to(tl.int64)[None, :] * sod)
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    b_lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    p_lse = LSE + i_b * slb + i_n * sln + qt.to(tl.int64) * slt + qh.to(tl.int64) * slh + qw.to(tl.int64) * slw
+    tl.store(p_lse, b_lse, mask=m_q)
+
+
+def launch_forward(query, key, value, plan: AttentionPlan, scale: float):
+    """Run the forward kernel. Returns ``(out, lse)``: ``out`` contiguous in the input dtype, ``lse``
+    float32 (natural log), both freshly allocated."""
+    B, T, H, W, heads, D = query.shape
+    _, TK, HK, WK, heads_kv, _ = key.shape
+    out = torch.empty((B, T, H, W, heads, value.shape[-1]), dtype=query.dtype, device=query.device)
+    lse = torch.empty((B, T, H, W, heads), dtype=torch.float32, device=query.device)
+    if out.numel() == 0:
+        return out, lse
+    sweep = plan.fwd
+    dev = plan.device_tensors(query.device, "fwd")
+    nbt, nbh, nbw = sweep.num_bricks
+    mt, mh, mw = sweep.max_tiles
+    lbt, lbh, lbw = sweep.log_brick
+    lkt, lkh, lkw = sweep.log_tile
+    grid = (nbt * nbh * nbw, B * heads)
+    nearby_fwd_kernel[grid](
+        query, key, value, out, lse, dev["win"], dev["tables"], dev["bounds"],
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(), *lse.stride(),
+        T, H, W, TK, HK, WK, heads, heads // heads_kv, D,
+        nbt, nbh, nbw, mt, mh, mw,
+        lbt, lbh, lbw, lkt, lkh, lkw,
+        float(scale) * LOG2E,
+        BLOCK_M=sweep.block_primary,
+        BLOCK_N=sweep.block_secondary,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        RASTER=bool(plan.spec.raster_causal),
+        PRECISION=dot_precision(query.dtype),
+        UPCAST=upcast_tiles(query.dtype),
+    )
+    return out, lse

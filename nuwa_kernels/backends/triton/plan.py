@@ -1,0 +1,543 @@
+"""Host-side tiling plan of the Triton backend: brick shapes, window tables, key-tile lists.
+
+Vocabulary (the same for the forward and both backward sweeps):
+
+* The **primary** grid is cut into aligned *bricks* of ``(bt, bh, bw)`` tokens (powers of two, so a
+  brick is one ``BLOCK_M``/``BLOCK_N`` block and the coordinates of a block row are a few shifts).
+  One Triton program owns one brick (of one batch and head).
+* The **secondary** grid is visited through *tiles* of ``(st, sh, sw)`` tokens. Tiles are **not**
+  aligned to the grid: on each axis they start at the first secondary coordinate the brick can reach
+  and step by the tile width, so a brick whose windows span ``span`` keys on an axis visits
+  ``ceil(span / s)`` tiles there instead of up to one more aligned tile.
+* Per axis, each brick gets the compact list of the tiles that hold at least one allowed pair (tiles
+  in a gap of a cross-grid window union are dropped), each tagged *full* when every (in-grid) row of
+  the brick sees every token of the tile on that axis. The program walks the product of the three
+  lists; a tile full on all three axes (and, with raster causality, entirely before the brick's first
+  query) is scored without the per-element mask.
+* Raster causality (``flat(key) <= flat(query)``): the tiles of a brick are walked in lexicographic
+  order of their (strictly increasing) per-axis starts, so the tiles to skip form a suffix (forward:
+  tiles that start after the brick's last query) or a prefix (``dK/dV``: query tiles that end before
+  the key brick's first key). :class:`SweepPlan` stores the resulting ``[begin, end)`` per brick.
+
+Forward and ``dQ``: primary = query grid, secondary = key grid, intervals = the key windows
+``[lo, hi]`` of :func:`nuwa_kernels.window.axis_bounds`. ``dK/dV``: primary = key grid,
+secondary = query grid, intervals = the inverse windows (the queries whose windows contain a key),
+found from the same tables with ``searchsorted`` (``lo`` and ``hi`` are non-decreasing).
+
+Everything here is plain PyTorch on the host; plans are cached per (spec, config, device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+
+from ...window import WindowSpec, spec_axis_bounds
+
+Dims = Tuple[int, int, int]
+
+__all__ = [
+    "BlockConfig",
+    "SweepPlan",
+    "AttentionPlan",
+    "default_config",
+    "interpreter_config",
+    "override_config",
+    "current_override",
+    "choose_shapes",
+    "build_plan",
+    "get_plan",
+    "useful_pairs",
+    "plan_stats",
+]
+
+_BIG = 1 << 31  # "no tile" sentinel; keeps flat indices of sentinels far from int64 overflow
+
+
+def _log2(x: int) -> int:
+    r = int(x).bit_length() - 1
+    if x <= 0 or (1 << r) != x:
+        raise ValueError(f"brick/tile dimensions must be powers of two; got {x}")
+    return r
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(int(x) - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block configuration (performance knobs, never semantics)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Block sizes of one launch family.
+
+    Attributes:
+        block_m: tokens per primary brick of the forward / ``dQ`` sweep (query bricks).
+        block_n: tokens per key tile of the forward / ``dQ`` sweep.
+        q_brick, k_tile: optional fixed ``(t, h, w)`` shapes (powers of two with products
+            ``block_m`` / ``block_n``); ``None`` lets :func:`choose_shapes` pick them for the call.
+
+    The ``dK/dV`` sweep reuses the forward shapes with the roles swapped (key bricks shaped like the
+    query bricks, query tiles shaped like the key tiles), so both directions waste about the same.
+    """
+
+    block_m: int
+    block_n: int
+    q_brick: Optional[Dims] = None
+    k_tile: Optional[Dims] = None
+
+    def __post_init__(self):
+        _log2(self.block_m)
+        _log2(self.block_n)
+        for dims, total in ((self.q_brick, self.block_m), (self.k_tile, self.block_n)):
+            if dims is not None:
+                for d in dims:
+                    _log2(d)
+                if math.prod(dims) != total:
+                    raise ValueError(f"brick shape {dims} must hold exactly {total} tokens")
+
+
+def default_config(head_dim: int = 64, spec: Optional[WindowSpec] = None) -> BlockConfig:
+    """GPU block sizes (the ones the autotuned kernels run and ``tile_stats`` reports).
+
+    64-query bricks and 32-key tiles; small windows (at most 64 keys, e.g. 3x3x3) and large head
+    dims (over 128, to bound registers) use 32-query bricks, which halves the padding work there.
+    """
+    if head_dim > 128:
+        return BlockConfig(32, 32)
+    if spec is not None and _window_volume(spec) <= 64:
+        return BlockConfig(32, 32)
+    return BlockConfig(64, 32)
+
+
+def _window_volume(spec: WindowSpec) -> int:
+    vol = 1
+    for axis in range(3):
+        lo, hi = spec_axis_bounds(spec, axis)
+        vol *= int((hi - lo + 1).max().item()) if lo.numel() else 0
+    return vol
+
+
+def interpreter_config(nq: int, nk: int) -> BlockConfig:
+    """Interpreter block sizes: as large as the grids allow (few, fat programs interpret fastest)."""
+    return BlockConfig(min(128, max(16, _next_pow2(nq))), min(128, max(16, _next_pow2(nk))))
+
+
+_override = threading.local()
+
+
+@contextlib.contextmanager
+def override_config(config: Optional[BlockConfig]) -> Iterator[None]:
+    """Force a :class:`BlockConfig` for launches on this thread (tests and tuning)."""
+    old = getattr(_override, "config", None)
+    _override.config = config
+    try:
+        yield
+    finally:
+        _override.config = old
+
+
+def current_override() -> Optional[BlockConfig]:
+    return getattr(_override, "config", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-axis tables
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AxisTiles:
+    """Tiles of one axis for every primary brick on that axis.
+
+    ``cnt[p]``: number of tiles brick ``p`` visits; ``lst[p, j] = 2 * start + full`` for ``j < cnt[p]``.
+    """
+
+    cnt: torch.Tensor  # (nb,) int64
+    lst: torch.Tensor  # (nb, max(1, max cnt)) int64
+    start: torch.Tensor  # (nb, max) int64 tile starts (BIG where unused)
+    full: torch.Tensor  # (nb, max) bool
+
+    @property
+    def max(self) -> int:
+        return self.lst.shape[1]
+
+
+def _axis_tiles(lo: torch.Tensor, hi: torch.Tensor, bp: int, bs: int) -> AxisTiles:
+    """Tiles of width ``bs`` over the secondary intervals ``[lo[i], hi[i]]`` (empty when lo > hi) of the
+    primary coordinates, grouped in aligned bricks of ``bp`` primary coordinates."""
+    lp = lo.numel()
+    nb = _cdiv(lp, bp)
+    pad = nb * bp - lp
+    valid = torch.arange(nb * bp) < lp
+    lo_p = torch.cat([lo, torch.full((pad,), _BIG, dtype=torch.int64)]).view(nb, bp)
+    hi_p = torch.cat([hi, torch.full((pad,), -1, dtype=torch.int64)]).view(nb, bp)
+    valid = valid.view(nb, bp)
+    nonempty = lo_p <= hi_p
+    any_row = nonempty.any(1)
+    fullable = (nonempty | ~valid).all(1) & any_row
+    u_lo = torch.where(nonempty, lo_p, _BIG).amin(1)
+    u_hi = torch.where(nonempty, hi_p, -1).amax(1)
+    in_lo = torch.where(nonempty, lo_p, -_BIG).amax(1)  # every row sees keys >= in_lo ...
+    in_hi = torch.where(nonempty, hi_p, _BIG).amin(1)  # ... and <= in_hi
+    n_tiles = torch.where(any_row, torch.div(u_hi - u_lo + bs, bs, rounding_mode="floor"), 0)
+    n_max = int(n_tiles.max().item()) if nb else 0
+    starts, fulls, hits = [], [], []
+    for j in range(n_max):
+        a = u_lo + j * bs
+        e = a + bs - 1
+        inside = j < n_tiles
+        hit = (nonempty & (torch.maximum(lo_p, a[:, None]) <= torch.minimum(hi_p, e[:, None]))).any(1) & inside
+        full = fullable & (a >= in_lo) & (e <= in_hi) & inside
+        starts.append(a)
+        fulls.append(full)
+        hits.append(hit)
+    if n_max == 0:
+        empty = torch.zeros(nb, 1, dtype=torch.int64)
+        return AxisTiles(torch.zeros(nb, dtype=torch.int64), empty, empty + _BIG, empty.bool())
+    start = torch.stack(starts, 1)
+    full = torch.stack(fulls, 1)
+    hit = torch.stack(hits, 1)
+    cnt = hit.sum(1)
+    width = max(1, int(cnt.max().item()))
+    # compact: stable order of the hit tiles (starts stay strictly increasing)
+    order = torch.argsort((~hit).to(torch.int8), dim=1, stable=True)[:, :width]
+    start = torch.gather(start, 1, order)
+    full = torch.gather(full, 1, order)
+    used = torch.arange(width)[None, :] < cnt[:, None]
+    start = torch.where(used, start, _BIG)
+    full = full & used
+    lst = torch.where(used, start * 2 + full.long(), 0)
+    return AxisTiles(cnt, lst, start, full)
+
+
+def _inverse_intervals(lo: torch.Tensor, hi: torch.Tensor, lk: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For every key coordinate ``j < lk``: the query interval ``[first, last]`` whose windows contain it
+    (``axis_inverse_window`` for a whole axis; empty when ``first > last``)."""
+    j = torch.arange(lk, dtype=torch.int64)
+    first = torch.searchsorted(hi.contiguous(), j, side="left")
+    last = torch.searchsorted(lo.contiguous(), j, side="right") - 1
+    return first, last
+
+
+# ----------------------------------------------------------------------------------------------
+# Sweeps and plans
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepPlan:
+    """One kernel family's schedule: primary bricks, secondary tiles, per-brick loop bounds."""
+
+    primary_grid: Dims
+    secondary_grid: Dims
+    brick: Dims
+    tile: Dims
+    axes: Tuple[AxisTiles, AxisTiles, AxisTiles]
+    bounds: Optional[torch.Tensor]  # (num_bricks, 2) int64 [begin, end) with raster causality
+    visits: torch.Tensor  # (num_bricks,) int64 tiles visited by each brick
+    tables: torch.Tensor = field(repr=False, default=None)  # packed int32 for the kernel
+
+    @property
+    def num_bricks(self) -> Dims:
+        return tuple(a.cnt.numel() for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def block_primary(self) -> int:
+        return math.prod(self.brick)
+
+    @property
+    def block_secondary(self) -> int:
+        return math.prod(self.tile)
+
+    @property
+    def log_brick(self) -> Dims:
+        return tuple(_log2(x) for x in self.brick)  # type: ignore[return-value]
+
+    @property
+    def log_tile(self) -> Dims:
+        return tuple(_log2(x) for x in self.tile)  # type: ignore[return-value]
+
+    @property
+    def max_tiles(self) -> Dims:
+        return tuple(a.max for a in self.axes)  # type: ignore[return-value]
+
+    @property
+    def computed_pairs(self) -> int:
+        return int(self.visits.sum().item()) * self.block_primary * self.block_secondary
+
+
+def _flat(t, h, w, grid: Sequence[int]):
+    return (t * grid[1] + h) * grid[2] + w
+
+
+def _make_sweep(
+    primary_grid: Dims,
+    secondary_grid: Dims,
+    intervals: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    brick: Dims,
+    tile: Dims,
+    raster: Optional[str],
+) -> SweepPlan:
+    axes = tuple(_axis_tiles(lo, hi, b, s) for (lo, hi), b, s in zip(intervals, brick, tile))
+    nbt, nbh, nbw = (a.cnt.numel() for a in axes)
+    ct, ch, cw = (a.cnt for a in axes)
+    total = (ct[:, None, None] * ch[None, :, None] * cw[None, None, :]).reshape(-1)
+    bounds = None
+    visits = total
+    if raster is not None:
+        # Per-axis tile starts strictly increase, so the flat index of the tile starts (forward) or of
+        # the clipped tile ends (dK/dV) increases along the walk: the kept tiles are a prefix (forward)
+        # or a suffix (dK/dV) of it, and counting them gives the loop bounds.
+        at, ah, aw = (a.start for a in axes)
+        sg = secondary_grid
+        if raster == "fwd":
+            last = [
+                torch.clamp(torch.arange(n) * b + b - 1, max=L - 1)
+                for n, b, L in zip((nbt, nbh, nbw), brick, primary_grid)
+            ]
+        else:
+            first = [torch.arange(n) * b for n, b in zip((nbt, nbh, nbw), brick)]
+        counts = torch.empty(nbt, nbh, nbw, dtype=torch.int64)
+        for pt in range(nbt):
+            if raster == "fwd":
+                # (nbh, nbw, jt, jh, jw): key tiles whose first key is not after the brick's last query
+                fk = _flat(at[pt].view(1, 1, -1, 1, 1), ah.view(nbh, 1, 1, -1, 1), aw.view(1, nbw, 1, 1, -1), sg)
+                fq = _flat(last[0][pt], last[1].view(-1, 1), last[2].view(1, -1), primary_grid)
+                keep = fk <= fq.view(nbh, nbw, 1, 1, 1)
+            else:
+                # query tiles whose (clipped) last query comes at or after the key brick's first key
+                et = torch.clamp(at[pt] + tile[0] - 1, max=sg[0] - 1)
+                eh = torch.clamp(ah + tile[1] - 1, max=sg[1] - 1)
+                ew = torch.clamp(aw + tile[2] - 1, max=sg[2] - 1)
+                fqe = _flat(et.view(1, 1, -1, 1, 1), eh.view(nbh, 1, 1, -1, 1), ew.view(1, nbw, 1, 1, -1), sg)
+                fk = _flat(first[0][pt], first[1].view(-1, 1), first[2].view(1, -1), primary_grid)
+                keep = fqe >= fk.view(nbh, nbw, 1, 1, 1)
+            # unused list slots hold BIG starts: mask them out
+            used = (
+                (torch.arange(at.shape[1]) < ct[pt]).view(1, 1, -1, 1, 1)
+                & (torch.arange(ah.shape[1])[None, :] < ch[:, None]).view(nbh, 1, 1, -1, 1)
+                & (torch.arange(aw.shape[1])[None, :] < cw[:, None]).view(1, nbw, 1, 1, -1)
+            )
+            counts[pt] = (keep & used).sum((2, 3, 4))
+        counts = counts.reshape(-1)
+        if raster == "fwd":
+            begin = torch.zeros_like(counts)
+            end = counts
+        else:
+            begin = total - counts
+            end = total
+        bounds = torch.stack([begin, end], 1)
+        visits = counts
+    plan = SweepPlan(primary_grid, secondary_grid, brick, tile, axes, bounds, visits)  # type: ignore[arg-type]
+    parts = []
+    for a in axes:
+        parts += [a.cnt, a.lst.reshape(-1)]
+    plan.tables = torch.cat(parts).to(torch.int32)
+    return plan
+
+
+@dataclass
+class AttentionPlan:
+    """Everything a launch needs: the window tables and the forward/``dQ`` and ``dK/dV`` sweeps."""
+
+    spec: WindowSpec
+    config: BlockConfig
+    win: torch.Tensor  # int32 [lo_t, hi_t, lo_h, hi_h, lo_w, hi_w] over the query axes
+    fwd: SweepPlan
+    _bwd: Optional[SweepPlan] = None
+    _device_cache: Dict[str, Dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def bwd(self) -> SweepPlan:
+        """The ``dK/dV`` sweep (built on first use)."""
+        if self._bwd is None:
+            spec = self.spec
+            inv = []
+            for axis in range(3):
+                lo, hi = spec_axis_bounds(spec, axis)
+                inv.append(_inverse_intervals(lo, hi, spec.kv_grid[axis]))
+            raster = "bwd" if spec.raster_causal else None
+            # key bricks of block_m keys, query tiles of block_n queries (the forward's sizes, so the
+            # kernels compile to the same block shapes); shapes chosen for the inverse windows unless
+            # the config fixes them (then mirrored from the forward)
+            nb, nt = math.prod(self.fwd.brick), math.prod(self.fwd.tile)
+            if self.config.q_brick is not None and self.config.k_tile is not None:
+                brick = _clip_dims(self.fwd.brick, spec.kv_grid, nb)
+                tile = _clip_dims(self.fwd.tile, spec.q_grid, nt)
+            else:
+                brick, tile = _choose(spec.kv_grid, spec.q_grid, inv, nb, nt, raster)
+            self._bwd = _make_sweep(spec.kv_grid, spec.q_grid, inv, brick, tile, raster)
+        return self._bwd
+
+    def device_tensors(self, device: torch.device, which: str) -> Dict[str, torch.Tensor]:
+        """``win``, ``tables`` and ``bounds`` of sweep ``which`` ("fwd" | "bwd") on ``device`` (cached)."""
+        key = f"{which}:{device}"
+        if key not in self._device_cache:
+            sweep = self.fwd if which == "fwd" else self.bwd
+            bounds = sweep.bounds if sweep.bounds is not None else torch.zeros(1, 2, dtype=torch.int64)
+            self._device_cache[key] = {
+                "win": self.win.to(device),
+                "tables": sweep.tables.to(device),
+                "bounds": bounds.to(torch.int32).reshape(-1).to(device),
+            }
+        return self._device_cache[key]
+
+
+def _clip_dims(dims: Dims, grid: Sequence[int], total: int) -> Dims:
+    """Keep ``dims`` (their product is ``total``) unless they overhang a small grid badly; then pick
+    the shape of ``total`` tokens that wastes the least padding on ``grid``."""
+    if all(d <= _next_pow2(g) for d, g in zip(dims, grid)):
+        return dims
+    best = None
+    for cand in _shapes(total):
+        pad = math.prod(_cdiv(g, c) * c for g, c in zip(grid, cand))
+        key = (pad, -cand[2], -cand[1])
+        if best is None or key < best[0]:
+            best = (key, cand)
+    return best[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _shapes(total: int) -> Tuple[Dims, ...]:
+    lg = _log2(total)
+    out = []
+    for a in range(lg + 1):
+        for b in range(lg + 1 - a):
+            out.append((1 << a, 1 << b, 1 << (lg - a - b)))
+    return tuple(out)
+
+
+def _spec_intervals(spec: WindowSpec):
+    return [spec_axis_bounds(spec, axis) for axis in range(3)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _axis_count_sum(lo_key: Tuple[int, ...], hi_key: Tuple[int, ...], bp: int, bs: int) -> int:
+    lo = torch.tensor(lo_key, dtype=torch.int64)
+    hi = torch.tensor(hi_key, dtype=torch.int64)
+    return int(_axis_tiles(lo, hi, bp, bs).cnt.sum().item())
+
+
+def choose_shapes(spec: WindowSpec, block_m: int, block_n: int) -> Tuple[Dims, Dims]:
+    """Pick the query-brick and key-tile shapes (``block_m`` / ``block_n`` tokens) of the forward and
+    ``dQ`` sweeps that score the fewest pairs on this call's grids and windows."""
+    return _choose(spec.q_grid, spec.kv_grid, _spec_intervals(spec), block_m, block_n,
+                   "fwd" if spec.raster_causal else None)
+
+
+def _choose(primary_grid, secondary_grid, intervals, block_p: int, block_s: int, raster: Optional[str]):
+    """Brick and tile shapes (``block_p`` / ``block_s`` tokens) minimising the pairs a sweep scores.
+
+    Without raster causality the number of scored pairs separates over the axes
+    (``block_p * block_s * prod_axis sum_bricks tiles``), so every shape pair is ranked exactly and
+    cheaply. Raster causality only removes tiles: the best few shapes are then re-ranked by their
+    exact visited-tile count.
+    """
+    keys = [(tuple(lo.tolist()), tuple(hi.tolist())) for lo, hi in intervals]
+    p_cands = [c for c in _shapes(block_p) if all(d <= _next_pow2(g) for d, g in zip(c, primary_grid))]
+    s_cands = [c for c in _shapes(block_s) if all(d <= _next_pow2(g) for d, g in zip(c, secondary_grid))]
+    if not p_cands:
+        p_cands = [_clip_dims((block_p, 1, 1), primary_grid, block_p)]
+    if not s_cands:
+        s_cands = [_clip_dims((block_s, 1, 1), secondary_grid, block_s)]
+    ranked = []
+    for pb in p_cands:
+        for st in s_cands:
+            cost = 1
+            for axis in range(3):
+                cost *= _axis_count_sum(keys[axis][0], keys[axis][1], pb[axis], st[axis])
+            # ties: wider w (contiguous rows coalesce), then wider h
+            ranked.append(((cost, -pb[2], -st[2], -pb[1], -st[1]), pb, st))
+    ranked.sort()
+    if raster is None:
+        return ranked[0][1], ranked[0][2]
+    best_cost = ranked[0][0][0]
+    best = None
+    for key, pb, st in ranked[:_RASTER_CANDIDATES]:
+        if key[0] > 2 * best_cost:
+            break
+        sweep = _make_sweep(primary_grid, secondary_grid, intervals, pb, st, raster)
+        rkey = (int(sweep.visits.sum().item()),) + key
+        if best is None or rkey < best[0]:
+            best = (rkey, pb, st)
+    return best[1], best[2]
+
+
+_RASTER_CANDIDATES = 24
+
+
+def build_plan(spec: WindowSpec, config: BlockConfig) -> AttentionPlan:
+    """Build the plan of one call (uncached; see :func:`get_plan`)."""
+    if config.q_brick is not None and config.k_tile is not None:
+        qb, kt = config.q_brick, config.k_tile
+    else:
+        qb, kt = choose_shapes(spec, config.block_m, config.block_n)
+        qb = config.q_brick or qb
+        kt = config.k_tile or kt
+    intervals = _spec_intervals(spec)
+    win = torch.cat([torch.cat([lo, hi]) for lo, hi in intervals]).to(torch.int32)
+    fwd = _make_sweep(spec.q_grid, spec.kv_grid, intervals, qb, kt, "fwd" if spec.raster_causal else None)
+    return AttentionPlan(spec, config, win, fwd)
+
+
+@functools.lru_cache(maxsize=256)
+def get_plan(spec: WindowSpec, config: BlockConfig) -> AttentionPlan:
+    """Cached :func:`build_plan` (plans are immutable once built; device copies are cached inside)."""
+    return build_plan(spec, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def useful_pairs(spec: WindowSpec) -> int:
+    """Exact number of allowed (query, key) pairs for one batch and head, from the window tables."""
+    (lt, ht), (lh, hh), (lw, hw) = _spec_intervals(spec)
+    wt, wh, ww = ht - lt + 1, hh - lh + 1, hw - lw + 1
+    if not spec.raster_causal:
+        return int(wt.sum().item() * wh.sum().item() * ww.sum().item())
+    T, H, W = spec.q_grid
+    t = torch.arange(T)
+    h = torch.arange(H)
+    w = torch.arange(W)
+    # keys with kt < t, or kt == t and (kh < h, or kh == h and kw <= w), inside the window box
+    before_t = (torch.minimum(ht, t - 1) - lt + 1).clamp_min(0)  # (T,)
+    at_t = ((lt <= t) & (t <= ht)).long()
+    before_h = (torch.minimum(hh, h - 1) - lh + 1).clamp_min(0)
+    at_h = ((lh <= h) & (h <= hh)).long()
+    upto_w = (torch.minimum(hw, w) - lw + 1).clamp_min(0)
+    per_hw = before_h[:, None] * ww[None, :] + at_h[:, None] * upto_w[None, :]  # (H, W)
+    total = before_t[:, None, None] * (wh[:, None] * ww[None, :])[None] + at_t[:, None, None] * per_hw[None]
+    return int(total.sum().item())
+
+
+def plan_stats(plan: AttentionPlan) -> dict:
+    """``useful``/``computed`` figures of a plan's forward schedule."""
+    useful = useful_pairs(plan.spec)
+    computed = plan.fwd.computed_pairs
+    return {
+        "useful": useful,
+        "computed": computed,
+        "ratio": computed / useful if useful else float("inf"),
+        "block_m": plan.fwd.block_primary,
+        "block_n": plan.fwd.block_secondary,
+        "q_brick": plan.fwd.brick,
+        "k_tile": plan.fwd.tile,
+        "programs": int(plan.fwd.visits.numel()),
+        "tiles_visited": int(plan.fwd.visits.sum().item()),
+    }
