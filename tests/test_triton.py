@@ -397,3 +397,12 @@ def _box_at(start, dims, grid):
             for w in range(start[2], min(start[2] + dims[2], grid[2])):
                 idx.append((t * grid[1] + h) * grid[2] + w)
     return torch.tensor(idx, dtype=torch.long)
+
+
+def test_can_run_refuses_batch_heads_beyond_grid_limit():
+    from nuwa_kernels.backends import triton as tb
+    from nuwa_kernels.window import make_window_spec
+
+    q = torch.zeros(1, 1, 1, 1, 1, 16).expand(65536, 1, 1, 1, 2, 16)  # no memory: stride 0
+    ok, why = tb.can_run(q, q, q, make_window_spec((1, 1, 1), (1, 1, 1)))
+    assert not ok and "65535" in why

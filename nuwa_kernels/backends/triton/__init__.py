@@ -22,6 +22,7 @@ from ...window import WindowSpec
 from ._common import HAS_TRITON, INTERPRET, TRITON_IMPORT_ERROR
 
 NAME = "triton"
+MAX_BATCH_HEADS = 65535  # launch grid axis 1 is (batch x heads)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
@@ -62,6 +63,11 @@ def can_run(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tupl
         return False, f"key head_dim {key.shape[-1]} differs from query head_dim {d}"
     if value.shape[-1] != d:
         return False, f"value head_dim (Dv={value.shape[-1]}) must equal the query head_dim (D={d}) in the triton backend"
+    if query.shape[0] * query.shape[4] > MAX_BATCH_HEADS:
+        return False, (
+            f"batch x heads = {query.shape[0] * query.shape[4]} exceeds {MAX_BATCH_HEADS}, the CUDA grid's "
+            "second dimension that the triton kernels launch over"
+        )
     return True, ""
 
 
