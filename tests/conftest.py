@@ -46,3 +46,12 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (tiny inputs: fastest, and no oversubscription on busy CI)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

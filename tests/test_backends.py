@@ -59,6 +59,9 @@ class Case:
     border: str = "truncate"
     B: int = 2
 
+    def kw(self):
+        return dict(kernel_size=self.kernel_size, causal=self.causal, border=self.border)
+
 
 CASES = [
     Case("image-133", (1, 5, 6), (1, 5, 6), 2, 2, 16, (1, 3, 3)),

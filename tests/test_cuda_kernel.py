@@ -11,7 +11,6 @@ import glob
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -41,21 +40,7 @@ def _require_cuda_backend(q, k, v, **kw) -> None:
     pytest.skip(f"cuda: {why}")
 
 
-@dataclass(frozen=True)
-class Case:
-    id: str
-    q_grid: tuple
-    kv_grid: tuple
-    heads: int
-    heads_kv: int
-    D: int
-    kernel_size: object = 3
-    causal: object = False
-    border: str = "truncate"
-    B: int = 2
-
-    def kw(self):
-        return dict(kernel_size=self.kernel_size, causal=self.causal, border=self.border)
+from test_backends import Case  # noqa: E402  (the shared case record)
 
 
 # Curated odd sizes: every head-dim bucket (8, 16, 32, 64, 128, 256, and partial buckets 40, 96),

@@ -11,13 +11,7 @@ from nuwa_kernels import nearby_attention_decode
 from oracle import oracle_attention, random_grid_inputs, rel_err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny inputs: one thread is fastest, and avoids oversubscribing a busy CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = [
     # id, q_grid, kv_grid, heads, heads_kv, kernel_size, causal, border

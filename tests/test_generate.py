@@ -13,13 +13,7 @@ from nuwa import Nuwa, NuwaConfig, generate, sample_logits
 from oracle import rel_err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids oversubscribing a busy CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(attention="nearby", seed=0, **overrides) -> Nuwa:

@@ -15,13 +15,7 @@ from nuwa.integrations.diffusers import apply_nearby_attention  # noqa: E402
 from oracle import oracle_mask, rel_err  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids oversubscribing a busy CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_wan(seed=0):

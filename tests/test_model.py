@@ -23,13 +23,7 @@ from nuwa.train import train
 from oracle import oracle_mask, rel_err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids oversubscribing a busy CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_attention(module, x, context=None, mask=None):
