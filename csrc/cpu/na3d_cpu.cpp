@@ -464,19 +464,27 @@ void parallel_tasks(int64_t n, double work, int64_t scratch_a, int64_t scratch_i
 // causality). The union of the block's segments is packed once per key row and shared by the block.
 // ------------------------------------------------------------------------------------------------
 
+// A row task of a (B, heads, T, H) grid of rows: task = ((b * heads + head) * T + t) * H + h.
+struct RowTask {
+  int64_t b, head, t, h;
+};
+
+inline RowTask row_task(int64_t task, int64_t heads, int64_t T, int64_t H) {
+  RowTask r;
+  r.h = task % H;
+  r.t = (task / H) % T;
+  r.head = (task / (H * T)) % heads;
+  r.b = task / (H * T * heads);
+  return r;
+}
+
 struct QueryRow {
   int64_t b, head, t, h, g;
 };
 
 inline QueryRow query_row(const Problem& pr, int64_t task) {
-  const int64_t T = pr.p.q_len[0], H = pr.p.q_len[1];
-  QueryRow r;
-  r.h = task % H;
-  r.t = (task / H) % T;
-  r.head = (task / (H * T)) % pr.heads;
-  r.b = task / (H * T * pr.heads);
-  r.g = r.head / pr.group;
-  return r;
+  const RowTask x = row_task(task, pr.heads, pr.p.q_len[0], pr.p.q_len[1]);
+  return QueryRow{x.b, x.head, x.t, x.h, x.head / pr.group};
 }
 
 // Key segments [lo[i], lo[i] + n[i]) of queries w0 + i (i < nb) on a key row whose first key has flat
@@ -530,6 +538,109 @@ struct BlockSegments {
   }
 };
 
+// ------------------------------------------------------------------------------------------------
+// Shared steps of the kernels: gather (pack) rows of one head, walk the key rows of a block, block
+// maths on packed segments, store
+// ------------------------------------------------------------------------------------------------
+
+// One head of a (B, T, H, W, heads, X) tensor at one batch index: token (t, h, w) starts at
+// at(t, h, w) = base + t * s[1] + h * s[2] + w * s[3], its X elements s[5] apart (64-bit offsets).
+template <typename T>
+struct HeadRows {
+  const T* base;
+  Strides st;
+  int64_t X;
+
+  const T* at(int64_t t, int64_t h, int64_t w) const { return base + t * st.s[1] + h * st.s[2] + w * st.s[3]; }
+  // Packs the n tokens (t, h, w), (t, h, w + 1), ... into contiguous rows of dst (pack_rows).
+  template <bool kUnit, typename A>
+  void gather(A* dst, int64_t t, int64_t h, int64_t w, int64_t n) const {
+    pack_rows<kUnit>(dst, at(t, h, w), n, st.s[3], st.s[5], X);
+  }
+  void prefetch(int64_t t, int64_t h, int64_t w, int64_t n) const { prefetch_rows(at(t, h, w), n, st.s[3], st.s[5], X); }
+  // dst[j] = element 0 of token (t, h, w + j) for j < n (lse / delta rows).
+  void gather_scalars(T* dst, int64_t t, int64_t h, int64_t w, int64_t n) const {
+    const T* p = at(t, h, w);
+    for (int64_t j = 0; j < n; ++j) dst[j] = p[j * st.s[3]];
+  }
+};
+
+template <typename T>
+inline HeadRows<T> head_rows(const T* p, const Strides& st, int64_t b, int64_t head, int64_t X) {
+  return HeadRows<T>{p + b * st.s[0] + head * st.s[4], st, X};
+}
+
+// Stores the nb rows of X elements of src into a contiguous (..., heads, X) output at tokens tok0 + i
+// (flat token index), head `head`: out = S(src * factor(i)).
+template <typename S, typename A, typename F>
+inline void store_rows(S* out, int64_t tok0, int64_t heads, int64_t head, const A* src, int64_t nb, int64_t X,
+                       const F& factor) {
+  for (int64_t i = 0; i < nb; ++i) {
+    S* op = out + ((tok0 + i) * heads + head) * X;
+    const A f = factor(i);
+    for (int64_t d = 0; d < X; ++d) op[d] = static_cast<S>(src[i * X + d] * f);
+  }
+}
+
+// One key row (kt, kh) of a block's walk: the segment of each query i of the block is the keys
+// [lo[i], lo[i] + n[i]), their union [ulo, ulo + nk) (nk > 0); (next_kt, next_kh) is the next row of the
+// walk when has_next.
+struct KeyRowSegs {
+  int64_t kt, kh, next_kt, next_kh;
+  bool has_next;
+  const int64_t *lo, *n;
+  int64_t ulo, nk;
+};
+
+// body(KeyRowSegs) for every key row of the window [wt] x [wh] on which the block has keys, in order.
+template <typename Body>
+inline void for_each_key_row(const Interval& wt, const Interval& wh, BlockSegments& segs, const Body& body) {
+  for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
+    for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
+      KeyRowSegs r;
+      int64_t uhi;
+      segs.row(kt, kh, &r.lo, &r.n, &r.ulo, &uhi);
+      if (uhi < r.ulo) continue;
+      r.kt = kt;
+      r.kh = kh;
+      r.nk = uhi - r.ulo + 1;
+      r.has_next = next_key_row(wt, wh, kt, kh, &r.next_kt, &r.next_kh);
+      body(static_cast<const KeyRowSegs&>(r));
+    }
+  }
+}
+
+// Backward scores of a block on one row of its walk, the entries of member i side by side at off[i]
+// (set here; n[i] entries): against the n[i] packed rows of its segment (starting at row lo[i] - ulo of
+// X and Y), s = a_i . X_j and dP = g_i . Y_j; stats(i, j0, n, Lr + off[i], Dr + off[i]) writes the lse
+// and delta of each entry's query. Then s becomes P and dP becomes dS (probs_and_dscores).
+template <typename A, typename Stats>
+inline void block_dscores(A* Sr, A* Pr, A* Lr, A* Dr, int64_t* off, const int64_t* lo, const int64_t* n, int64_t nb,
+                          int64_t ulo, const A* a, const A* X, int64_t D, const A* g, const A* Y, int64_t Dv, A scale,
+                          const Stats& stats) {
+  int64_t tot = 0;
+  for (int64_t i = 0; i < nb; ++i) {
+    off[i] = tot;
+    if (n[i] == 0) continue;
+    const int64_t j0 = lo[i] - ulo;
+    dot_rows(Sr + tot, a + i * D, X + j0 * D, n[i], D);
+    dot_rows(Pr + tot, g + i * Dv, Y + j0 * Dv, n[i], Dv);
+    stats(i, j0, n[i], Lr + tot, Dr + tot);
+    tot += n[i];
+  }
+  probs_and_dscores(Sr, Pr, Lr, Dr, tot, scale);
+}
+
+// acc_i += sum_j c[off[i] + j] * X_(lo[i] - ulo + j) over the segment of every member i of the block.
+template <typename A>
+inline void block_axpy(A* acc, const A* c, const int64_t* off, const int64_t* lo, const int64_t* n, int64_t nb,
+                       int64_t ulo, const A* X, int64_t D) {
+  for (int64_t i = 0; i < nb; ++i) {
+    if (n[i] == 0) continue;
+    axpy_rows(acc + i * D, c + off[i], X + (lo[i] - ulo) * D, n[i], D);
+  }
+}
+
 template <typename S, bool kUnit>
 void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
                 acc_t<S>* lse) {
@@ -554,34 +665,27 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
     const Interval wt = pr.win[0][r.t], wh = pr.win[1][r.h];
     const int64_t flat_row_q = (r.t * H + r.h) * W;
     const int64_t row_out = ((r.b * T + r.t) * H + r.h) * W;  // flat (b, t, h, 0) of the outputs
-    const S* qrow = q + r.b * qs.s[0] + r.t * qs.s[1] + r.h * qs.s[2] + r.head * qs.s[4];
-    const S* kb = k + r.b * ks.s[0] + r.g * ks.s[4];
-    const S* vb = v + r.b * vs.s[0] + r.g * vs.s[4];
+    const HeadRows<S> qh = head_rows(q, qs, r.b, r.head, D);
+    const HeadRows<S> kh_ = head_rows(k, ks, r.b, r.g, D);
+    const HeadRows<S> vh = head_rows(v, vs, r.b, r.g, Dv);
     for (int64_t w0 = 0; w0 < W; w0 += Wb) {
       const int64_t nb = std::min(Wb, W - w0);
-      pack_rows<kUnit>(Qb, qrow + w0 * qs.s[3], nb, qs.s[3], qs.s[5], D);
+      qh.template gather<kUnit>(Qb, r.t, r.h, w0, nb);
       std::fill(cnt, cnt + nb, int64_t(0));
       BlockSegments segs(pr, flat_row_q, w0, nb, cnt + Wb);
-      const int64_t *lo, *n;
       // Pass 1: scores, key row by key row.
-      for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
-        for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
-          int64_t ulo, uhi;
-          segs.row(kt, kh, &lo, &n, &ulo, &uhi);
-          if (uhi < ulo) continue;
-          int64_t nkt, nkh;
-          if (next_key_row(wt, wh, kt, kh, &nkt, &nkh))
-            prefetch_rows(kb + nkt * ks.s[1] + nkh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
-          else  // pass 2 starts with the first value row
-            prefetch_rows(vb + wt.lo * vs.s[1] + wh.lo * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
-          pack_rows<kUnit>(Xp, kb + kt * ks.s[1] + kh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
-          for (int64_t i = 0; i < nb; ++i) {
-            if (n[i] == 0) continue;
-            dot_rows(Sb + i * wpad + cnt[i], Qb + i * D, Xp + (lo[i] - ulo) * D, n[i], D);
-            cnt[i] += n[i];
-          }
+      for_each_key_row(wt, wh, segs, [&](const KeyRowSegs& kr) {
+        if (kr.has_next)
+          kh_.prefetch(kr.next_kt, kr.next_kh, kr.ulo, kr.nk);
+        else  // pass 2 starts with the first value row
+          vh.prefetch(wt.lo, wh.lo, kr.ulo, kr.nk);
+        kh_.template gather<kUnit>(Xp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        for (int64_t i = 0; i < nb; ++i) {
+          if (kr.n[i] == 0) continue;
+          dot_rows(Sb + i * wpad + cnt[i], Qb + i * D, Xp + (kr.lo[i] - kr.ulo) * D, kr.n[i], D);
+          cnt[i] += kr.n[i];
         }
-      }
+      });
       // Softmax of each query over its whole window.
       for (int64_t i = 0; i < nb; ++i) {
         A* s = Sb + i * wpad;
@@ -601,26 +705,16 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
       }
       // Pass 2: out = P V, key row by key row.
       std::fill(Ob, Ob + nb * Dv, A(0));
-      for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
-        for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
-          int64_t ulo, uhi;
-          segs.row(kt, kh, &lo, &n, &ulo, &uhi);
-          if (uhi < ulo) continue;
-          int64_t nkt, nkh;
-          if (next_key_row(wt, wh, kt, kh, &nkt, &nkh))
-            prefetch_rows(vb + nkt * vs.s[1] + nkh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
-          pack_rows<kUnit>(Xp, vb + kt * vs.s[1] + kh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
-          for (int64_t i = 0; i < nb; ++i) {
-            if (n[i] == 0) continue;
-            axpy_rows(Ob + i * Dv, Sb + i * wpad + cnt[i], Xp + (lo[i] - ulo) * Dv, n[i], Dv);
-            cnt[i] += n[i];
-          }
+      for_each_key_row(wt, wh, segs, [&](const KeyRowSegs& kr) {
+        if (kr.has_next) vh.prefetch(kr.next_kt, kr.next_kh, kr.ulo, kr.nk);
+        vh.template gather<kUnit>(Xp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        for (int64_t i = 0; i < nb; ++i) {
+          if (kr.n[i] == 0) continue;
+          axpy_rows(Ob + i * Dv, Sb + i * wpad + cnt[i], Xp + (kr.lo[i] - kr.ulo) * Dv, kr.n[i], Dv);
+          cnt[i] += kr.n[i];
         }
-      }
-      for (int64_t i = 0; i < nb; ++i) {
-        S* op = out + ((row_out + w0 + i) * heads + r.head) * Dv;
-        for (int64_t d = 0; d < Dv; ++d) op[d] = static_cast<S>(Ob[i * Dv + d] * inv_l[i]);
-      }
+      });
+      store_rows(out, row_out + w0, heads, r.head, Ob, nb, Dv, [&](int64_t i) { return inv_l[i]; });
     }
   });
 }
@@ -654,57 +748,36 @@ void bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strid
     int64_t* off = sc.idx.data();  // [Wb], then 4 * Wb for BlockSegments
     const Interval wt = pr.win[0][r.t], wh = pr.win[1][r.h];
     const int64_t flat_row_q = (r.t * H + r.h) * W;
-    const S* qrow = q + r.b * qs.s[0] + r.t * qs.s[1] + r.h * qs.s[2] + r.head * qs.s[4];
-    const S* grow = go + r.b * gs.s[0] + r.t * gs.s[1] + r.h * gs.s[2] + r.head * gs.s[4];
-    const A* lrow = lse + r.b * ls.s[0] + r.t * ls.s[1] + r.h * ls.s[2] + r.head * ls.s[4];
-    const A* drow = delta + r.b * dls.s[0] + r.t * dls.s[1] + r.h * dls.s[2] + r.head * dls.s[4];
-    const S* kb = k + r.b * ks.s[0] + r.g * ks.s[4];
-    const S* vb = v + r.b * vs.s[0] + r.g * vs.s[4];
+    const HeadRows<S> qh = head_rows(q, qs, r.b, r.head, D);
+    const HeadRows<S> gh = head_rows(go, gs, r.b, r.head, Dv);
+    const HeadRows<A> lh = head_rows(lse, ls, r.b, r.head, 1);
+    const HeadRows<A> dh = head_rows(delta, dls, r.b, r.head, 1);
+    const HeadRows<S> kh_ = head_rows(k, ks, r.b, r.g, D);
+    const HeadRows<S> vh = head_rows(v, vs, r.b, r.g, Dv);
     for (int64_t w0 = 0; w0 < W; w0 += Wb) {
       const int64_t nb = std::min(Wb, W - w0);
-      pack_rows<kUnit>(Qb, qrow + w0 * qs.s[3], nb, qs.s[3], qs.s[5], D);
-      pack_rows<kUnit>(Gb, grow + w0 * gs.s[3], nb, gs.s[3], gs.s[5], Dv);
-      for (int64_t i = 0; i < nb; ++i) {
-        lse_b[i] = lrow[(w0 + i) * ls.s[3]];
-        delta_b[i] = drow[(w0 + i) * dls.s[3]];
-      }
+      qh.template gather<kUnit>(Qb, r.t, r.h, w0, nb);
+      gh.template gather<kUnit>(Gb, r.t, r.h, w0, nb);
+      lh.gather_scalars(lse_b, r.t, r.h, w0, nb);
+      dh.gather_scalars(delta_b, r.t, r.h, w0, nb);
       std::fill(dQb, dQb + nb * D, A(0));
       BlockSegments segs(pr, flat_row_q, w0, nb, off + Wb);
-      const int64_t *lo, *n;
       // One pass over the key rows: s = q.k and dP = dO.v, then dS, then dQ += dS k.
-      for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
-        for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
-          int64_t ulo, uhi;
-          segs.row(kt, kh, &lo, &n, &ulo, &uhi);
-          if (uhi < ulo) continue;
-          int64_t nkt, nkh;
-          if (next_key_row(wt, wh, kt, kh, &nkt, &nkh)) {
-            prefetch_rows(kb + nkt * ks.s[1] + nkh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
-            prefetch_rows(vb + nkt * vs.s[1] + nkh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
-          }
-          pack_rows<kUnit>(Kp, kb + kt * ks.s[1] + kh * ks.s[2] + ulo * ks.s[3], uhi - ulo + 1, ks.s[3], ks.s[5], D);
-          pack_rows<kUnit>(Vp, vb + kt * vs.s[1] + kh * vs.s[2] + ulo * vs.s[3], uhi - ulo + 1, vs.s[3], vs.s[5], Dv);
-          int64_t tot = 0;
-          for (int64_t i = 0; i < nb; ++i) {
-            off[i] = tot;
-            if (n[i] == 0) continue;
-            dot_rows(Sr + tot, Qb + i * D, Kp + (lo[i] - ulo) * D, n[i], D);
-            dot_rows(Pr + tot, Gb + i * Dv, Vp + (lo[i] - ulo) * Dv, n[i], Dv);
-            std::fill(Lr + tot, Lr + tot + n[i], lse_b[i]);
-            std::fill(Dr + tot, Dr + tot + n[i], delta_b[i]);
-            tot += n[i];
-          }
-          probs_and_dscores(Sr, Pr, Lr, Dr, tot, scale);
-          for (int64_t i = 0; i < nb; ++i) {
-            if (n[i] == 0) continue;
-            axpy_rows(dQb + i * D, Pr + off[i], Kp + (lo[i] - ulo) * D, n[i], D);
-          }
+      for_each_key_row(wt, wh, segs, [&](const KeyRowSegs& kr) {
+        if (kr.has_next) {
+          kh_.prefetch(kr.next_kt, kr.next_kh, kr.ulo, kr.nk);
+          vh.prefetch(kr.next_kt, kr.next_kh, kr.ulo, kr.nk);
         }
-      }
-      for (int64_t i = 0; i < nb; ++i) {
-        S* op = dq + (((r.b * T + r.t) * H + r.h) * W + w0 + i) * heads * D + r.head * D;
-        for (int64_t d = 0; d < D; ++d) op[d] = static_cast<S>(scale * dQb[i * D + d]);
-      }
+        kh_.template gather<kUnit>(Kp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        vh.template gather<kUnit>(Vp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        block_dscores(Sr, Pr, Lr, Dr, off, kr.lo, kr.n, nb, kr.ulo, Qb, Kp, D, Gb, Vp, Dv, scale,
+                      [&](int64_t i, int64_t, int64_t m, A* l, A* dl) {
+                        std::fill(l, l + m, lse_b[i]);
+                        std::fill(dl, dl + m, delta_b[i]);
+                      });
+        block_axpy(dQb, Pr, off, kr.lo, kr.n, nb, kr.ulo, Kp, D);
+      });
+      store_rows(dq, ((r.b * T + r.t) * H + r.h) * W + w0, heads, r.head, dQb, nb, D, [&](int64_t) { return scale; });
     }
   });
 }
@@ -732,10 +805,8 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
   const int64_t scratch = Kb_n * 2 * (D + Dv) + W * (D + Dv + 2) + 4 * rb;
   const double work = double(ntask) * Wk * pr.win_max * 2 * (D + Dv);  // inverse windows ~ windows
   parallel_tasks<A>(ntask, work, scratch, 3 * Kb_n, [&](Scratch<A>& sc, int64_t task) {
-    const int64_t kh = task % Hk;
-    const int64_t kt = (task / Hk) % Tk;
-    const int64_t g = (task / (Hk * Tk)) % heads_kv;
-    const int64_t b = task / (Hk * Tk * heads_kv);
+    const RowTask r = row_task(task, heads_kv, Tk, Hk);  // (b, kv head g, kt, kh)
+    const int64_t b = r.b, g = r.head, kt = r.t, kh = r.h;
     A* Kb = sc.a.data();       // [nb, D]   keys of the block
     A* Vb = Kb + Kb_n * D;     // [nb, Dv]  values
     A* dKb = Vb + Kb_n * Dv;   // [nb, D]   dK accumulators
@@ -752,13 +823,13 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
     int64_t* n = lo + Kb_n;
     int64_t* off = n + Kb_n;
     const Interval it = pr.inv[0][kt], ih = pr.inv[1][kh];
-    const S* krow = k + b * ks.s[0] + kt * ks.s[1] + kh * ks.s[2] + g * ks.s[4];
-    const S* vrow = v + b * vs.s[0] + kt * vs.s[1] + kh * vs.s[2] + g * vs.s[4];
+    const HeadRows<S> kh_ = head_rows(k, ks, b, g, D);
+    const HeadRows<S> vh = head_rows(v, vs, b, g, Dv);
     const int64_t flat_row_k = (kt * Hk + kh) * Wk;
     for (int64_t k0 = 0; k0 < Wk; k0 += Kb_n) {
       const int64_t nb = std::min(Kb_n, Wk - k0);
-      pack_rows<kUnit>(Kb, krow + k0 * ks.s[3], nb, ks.s[3], ks.s[5], D);
-      pack_rows<kUnit>(Vb, vrow + k0 * vs.s[3], nb, vs.s[3], vs.s[5], Dv);
+      kh_.template gather<kUnit>(Kb, kt, kh, k0, nb);
+      vh.template gather<kUnit>(Vb, kt, kh, k0, nb);
       std::fill(dKb, dKb + nb * (D + Dv), A(0));  // dKb and dVb are adjacent
       for (int64_t t = it.lo; t <= it.hi; ++t) {
         for (int64_t h = ih.lo; h <= ih.hi; ++h) {
@@ -785,51 +856,28 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
                 if (!next_key_row(it, ih, t, h, &pt, &ph)) pt = -1;
               }
               if (pt >= 0) {
-                prefetch_rows(q + b * qs.s[0] + pt * qs.s[1] + ph * qs.s[2] + ulo * qs.s[3] + phead * qs.s[4], nq,
-                              qs.s[3], qs.s[5], D);
-                prefetch_rows(go + b * gs.s[0] + pt * gs.s[1] + ph * gs.s[2] + ulo * gs.s[3] + phead * gs.s[4], nq,
-                              gs.s[3], gs.s[5], Dv);
+                head_rows(q, qs, b, phead, D).prefetch(pt, ph, ulo, nq);
+                head_rows(go, gs, b, phead, Dv).prefetch(pt, ph, ulo, nq);
               }
             }
-            const int64_t qoff = t * qs.s[1] + h * qs.s[2] + ulo * qs.s[3] + head * qs.s[4];
-            pack_rows<kUnit>(Qp, q + b * qs.s[0] + qoff, nq, qs.s[3], qs.s[5], D);
-            pack_rows<kUnit>(Gp, go + b * gs.s[0] + t * gs.s[1] + h * gs.s[2] + ulo * gs.s[3] + head * gs.s[4], nq,
-                             gs.s[3], gs.s[5], Dv);
-            const A* lrow = lse + b * ls.s[0] + t * ls.s[1] + h * ls.s[2] + ulo * ls.s[3] + head * ls.s[4];
-            const A* drow = delta + b * dls.s[0] + t * dls.s[1] + h * dls.s[2] + ulo * dls.s[3] + head * dls.s[4];
-            for (int64_t j = 0; j < nq; ++j) {
-              Lp[j] = lrow[j * ls.s[3]];
-              Dp[j] = drow[j * dls.s[3]];
-            }
-            int64_t tot = 0;
-            for (int64_t i = 0; i < nb; ++i) {
-              off[i] = tot;
-              if (n[i] == 0) continue;
-              const int64_t j0 = lo[i] - ulo;
-              dot_rows(Sr + tot, Kb + i * D, Qp + j0 * D, n[i], D);
-              dot_rows(Pr + tot, Vb + i * Dv, Gp + j0 * Dv, n[i], Dv);
-              std::copy(Lp + j0, Lp + j0 + n[i], Lr + tot);
-              std::copy(Dp + j0, Dp + j0 + n[i], Dr + tot);
-              tot += n[i];
-            }
-            probs_and_dscores(Sr, Pr, Lr, Dr, tot, scale);
+            head_rows(q, qs, b, head, D).template gather<kUnit>(Qp, t, h, ulo, nq);
+            head_rows(go, gs, b, head, Dv).template gather<kUnit>(Gp, t, h, ulo, nq);
+            head_rows(lse, ls, b, head, 1).gather_scalars(Lp, t, h, ulo, nq);
+            head_rows(delta, dls, b, head, 1).gather_scalars(Dp, t, h, ulo, nq);
+            block_dscores(Sr, Pr, Lr, Dr, off, lo, n, nb, ulo, Kb, Qp, D, Vb, Gp, Dv, scale,
+                          [&](int64_t, int64_t j0, int64_t m, A* l, A* dl) {
+                            std::copy(Lp + j0, Lp + j0 + m, l);
+                            std::copy(Dp + j0, Dp + j0 + m, dl);
+                          });
             // dV += P^T dO, dK += dS^T Q (scaled at the end).
-            for (int64_t i = 0; i < nb; ++i) {
-              if (n[i] == 0) continue;
-              const int64_t j0 = lo[i] - ulo;
-              axpy_rows(dVb + i * Dv, Sr + off[i], Gp + j0 * Dv, n[i], Dv);
-              axpy_rows(dKb + i * D, Pr + off[i], Qp + j0 * D, n[i], D);
-            }
+            block_axpy(dVb, Sr, off, lo, n, nb, ulo, Gp, Dv);
+            block_axpy(dKb, Pr, off, lo, n, nb, ulo, Qp, D);
           }
         }
       }
-      for (int64_t i = 0; i < nb; ++i) {
-        const int64_t ki = ((b * Tk + kt) * Hk + kh) * Wk * heads_kv + (k0 + i) * heads_kv + g;
-        S* dkp = dk + ki * D;
-        S* dvp = dv + ki * Dv;
-        for (int64_t d = 0; d < D; ++d) dkp[d] = static_cast<S>(scale * dKb[i * D + d]);
-        for (int64_t d = 0; d < Dv; ++d) dvp[d] = static_cast<S>(dVb[i * Dv + d]);
-      }
+      const int64_t tok0 = ((b * Tk + kt) * Hk + kh) * Wk + k0;
+      store_rows(dk, tok0, heads_kv, g, dKb, nb, D, [&](int64_t) { return scale; });
+      store_rows(dv, tok0, heads_kv, g, dVb, nb, Dv, [&](int64_t) { return A(1); });
     }
   });
 }
@@ -838,6 +886,24 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
 // Op entry points (CPU dispatch key)
 // ------------------------------------------------------------------------------------------------
 
+inline at::ScalarType acc_type(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Shape of the attention output: the query's, with value's head dim.
+inline std::vector<int64_t> out_shape_of(const at::Tensor& query, const at::Tensor& value) {
+  std::vector<int64_t> s(query.sizes().begin(), query.sizes().end());
+  s.back() = value.size(5);
+  return s;
+}
+
+// f(std::integral_constant<bool, unit>): the unit-stride or the strided instantiation.
+template <typename F>
+inline void with_unit(bool unit, const F& f) {
+  if (unit)
+    f(std::true_type{});
+  else
+    f(std::false_type{});
+}
+
 std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                 const at::Tensor& value, at::IntArrayRef kernel_size,
                                                 c10::List<bool> causal_axes, bool raster_causal, bool shift_border,
@@ -845,11 +911,8 @@ std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const a
   check_inputs(query, key, value, kernel_size, causal_axes);
   TORCH_CHECK(query.device().is_cpu(), "na3d_fwd (CPU kernel): tensors must be on the CPU");
   const auto dtype = query.scalar_type();
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<int64_t> out_shape(query.sizes().begin(), query.sizes().end());
-  out_shape.back() = value.size(5);
-  at::Tensor out = at::empty(out_shape, query.options());
-  at::Tensor lse = at::empty(query.sizes().slice(0, 5), query.options().dtype(acc));
+  at::Tensor out = at::empty(out_shape_of(query, value), query.options());
+  at::Tensor lse = at::empty(query.sizes().slice(0, 5), query.options().dtype(acc_type(dtype)));
   if (lse.numel() == 0) {  // no query (B = 0, an empty grid or no heads)
     out.zero_();
     return {out, lse};
@@ -866,12 +929,10 @@ std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const a
     const scalar_t* qp = query.const_data_ptr<scalar_t>();
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
-    if (unit)
-      fwd_kernel<scalar_t, true>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
-                                 out.data_ptr<scalar_t>(), lse.data_ptr<A>());
-    else
-      fwd_kernel<scalar_t, false>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
-                                  out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+    with_unit(unit, [&](auto u) {
+      fwd_kernel<scalar_t, decltype(u)::value>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
+                                               out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+    });
   });
   return {out, lse};
 }
@@ -883,9 +944,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
   check_inputs(query, key, value, kernel_size, causal_axes);
   TORCH_CHECK(query.device().is_cpu(), "na3d_bwd (CPU kernel): tensors must be on the CPU");
   const auto dtype = query.scalar_type();
-  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<int64_t> out_shape(query.sizes().begin(), query.sizes().end());
-  out_shape.back() = value.size(5);
+  const auto acc = acc_type(dtype);
+  const std::vector<int64_t> out_shape = out_shape_of(query, value);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape), "na3d_bwd: grad_out must have shape ", out_shape,
               ", got ", grad_out.sizes());
   TORCH_CHECK(lse_in.sizes() == query.sizes().slice(0, 5), "na3d_bwd: lse must have shape ",
@@ -922,15 +982,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
     const A* dlp = delta.const_data_ptr<A>();
     const Strides gs = strides_of(go), qs = strides_of(query), ks = strides_of(key), vs = strides_of(value);
     const Strides ls = strides_of(lse), dls = strides_of(delta);
-    if (unit) {
-      bwd_dq_kernel<scalar_t, true>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dq.data_ptr<scalar_t>());
-      bwd_dkv_kernel<scalar_t, true>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dk.data_ptr<scalar_t>(),
-                                     dv.data_ptr<scalar_t>());
-    } else {
-      bwd_dq_kernel<scalar_t, false>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dq.data_ptr<scalar_t>());
-      bwd_dkv_kernel<scalar_t, false>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dk.data_ptr<scalar_t>(),
+    with_unit(unit, [&](auto u) {
+      constexpr bool kUnit = decltype(u)::value;
+      bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dq.data_ptr<scalar_t>());
+      bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dk.data_ptr<scalar_t>(),
                                       dv.data_ptr<scalar_t>());
-    }
+    });
   });
   return {dq, dk, dv};
 }

@@ -36,17 +36,22 @@ int dtype_code(const Tensor& t) {
   return -1;
 }
 
+// Copies the strides of t (at most six dims) into a view's stride array.
+void copy_strides(const Tensor& t, int64_t (&stride)[6]) {
+  for (int64_t i = 0; i < t.dim() && i < 6; ++i) stride[i] = t.stride(i);
+}
+
 ConstView const_view(const Tensor& t) {
   ConstView v{};
   v.data = t.data_ptr();
-  for (int64_t i = 0; i < t.dim() && i < 6; ++i) v.stride[i] = t.stride(i);
+  copy_strides(t, v.stride);
   return v;
 }
 
 MutView mut_view(Tensor& t) {
   MutView v{};
   v.data = t.data_ptr();
-  for (int64_t i = 0; i < t.dim() && i < 6; ++i) v.stride[i] = t.stride(i);
+  copy_strides(t, v.stride);
   return v;
 }
 
@@ -58,6 +63,17 @@ void check_grid_tensor(const Tensor& t, const char* name, const Tensor& ref) {
               " but query is on ", ref.device());
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "nuwa_kernels (cuda backend): ", name, " has dtype ",
                    t.scalar_type(), " but query has dtype ", ref.scalar_type());
+}
+
+// lse / delta: float32, shape (B, T, H, W, heads) of the query, on the query's device.
+void check_row_tensor(const Tensor& t, const char* name, const Tensor& query) {
+  const auto row_shape = query.sizes().slice(0, 5);
+  TORCH_CHECK(t.sizes() == row_shape, "nuwa_kernels (cuda backend): ", name, " must have shape ", row_shape,
+              "; got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "nuwa_kernels (cuda backend): ", name, " must be float32; got ",
+                   t.scalar_type());
+  TORCH_CHECK(t.device() == query.device(), "nuwa_kernels (cuda backend): ", name, " is on ", t.device(),
+              " but query is on ", query.device());
 }
 
 Na3dProblem make_problem(const Tensor& query, const Tensor& key, const Tensor& value, c10::IntArrayRef kernel_size,
@@ -134,13 +150,8 @@ std::tuple<Tensor, Tensor> na3d_fwd_cuda(const Tensor& query, const Tensor& key,
   Tensor lse = at::empty(query.sizes().slice(0, 5), query.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
 
-  Na3dFwdArgs args{};
-  args.prob = pr;
-  args.query = const_view(query);
-  args.key = const_view(key);
-  args.value = const_view(value);
-  args.out = mut_view(out);
-  args.lse = mut_view(lse);
+  // Fields in declaration order: prob, query, key, value, out, lse.
+  const Na3dFwdArgs args{pr, const_view(query), const_view(key), const_view(value), mut_view(out), mut_view(lse)};
   check_launch(na3d_fwd_launch(args, current_stream(query.device())), "na3d_fwd kernel launch");
   return {out, lse};
 }
@@ -154,16 +165,8 @@ std::tuple<Tensor, Tensor, Tensor> na3d_bwd_cuda(const Tensor& grad_out, const T
   check_grid_tensor(grad_out, "grad_out", query);
   TORCH_CHECK(grad_out.sizes() == query.sizes(), "nuwa_kernels (cuda backend): grad_out must have shape ",
               query.sizes(), "; got ", grad_out.sizes());
-  const auto row_shape = query.sizes().slice(0, 5);
-  for (const auto& pair : {std::make_pair(&lse, "lse"), std::make_pair(&delta, "delta")}) {
-    const Tensor& t = *pair.first;
-    TORCH_CHECK(t.sizes() == row_shape, "nuwa_kernels (cuda backend): ", pair.second, " must have shape ",
-                row_shape, "; got ", t.sizes());
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "nuwa_kernels (cuda backend): ", pair.second,
-                     " must be float32; got ", t.scalar_type());
-    TORCH_CHECK(t.device() == query.device(), "nuwa_kernels (cuda backend): ", pair.second, " is on ", t.device(),
-                " but query is on ", query.device());
-  }
+  check_row_tensor(lse, "lse", query);
+  check_row_tensor(delta, "delta", query);
 
   const c10::DeviceGuard guard(query.device());
   Tensor grad_query = at::empty(query.sizes(), query.options());
@@ -171,17 +174,10 @@ std::tuple<Tensor, Tensor, Tensor> na3d_bwd_cuda(const Tensor& grad_out, const T
   Tensor grad_value = at::empty(value.sizes(), value.options());
   if (grad_query.numel() == 0 && grad_key.numel() == 0) return {grad_query, grad_key, grad_value};
 
-  Na3dBwdArgs args{};
-  args.prob = pr;
-  args.grad_out = const_view(grad_out);
-  args.query = const_view(query);
-  args.key = const_view(key);
-  args.value = const_view(value);
-  args.lse = const_view(lse);
-  args.delta = const_view(delta);
-  args.grad_query = mut_view(grad_query);
-  args.grad_key = mut_view(grad_key);
-  args.grad_value = mut_view(grad_value);
+  // Fields in declaration order: prob, grad_out, query, key, value, lse, delta, grad_query, grad_key, grad_value.
+  const Na3dBwdArgs args{pr, const_view(grad_out), const_view(query), const_view(key), const_view(value),
+                         const_view(lse), const_view(delta), mut_view(grad_query), mut_view(grad_key),
+                         mut_view(grad_value)};
   check_launch(na3d_bwd_launch(args, current_stream(query.device())), "na3d_bwd kernel launch");
   return {grad_query, grad_key, grad_value};
 }

@@ -73,27 +73,52 @@ struct Elem<float> {
   }
 };
 
+// fp16 and bf16: scalar conversions and the packed pair type (two elements in 32 bits).
+template <typename T>
+struct Half16;
+
 template <>
-struct Elem<__half> {
-  static __device__ __forceinline__ float load1(const __half* p) { return __half2float(__ldg(p)); }
-  static __device__ __forceinline__ void store1(__half* p, float x) { *p = __float2half_rn(x); }
-  static __device__ __forceinline__ void load8(const __half* p, float (&x)[kChunk]) {
+struct Half16<__half> {
+  using Pair = __half2;
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float2 pair_to_float2(Pair h) { return __half22float2(h); }
+  static __device__ __forceinline__ Pair pair_from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <>
+struct Half16<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float2 pair_to_float2(Pair h) { return __bfloat1622float2(h); }
+  static __device__ __forceinline__ Pair pair_from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
+// 16-bit elements: 8 of them are one 16-byte word of four packed pairs.
+template <typename T>
+struct Elem16 {
+  using H = Half16<T>;
+  using Pair = typename H::Pair;
+  static __device__ __forceinline__ float load1(const T* p) { return H::to_float(__ldg(p)); }
+  static __device__ __forceinline__ void store1(T* p, float x) { *p = H::from_float(x); }
+  static __device__ __forceinline__ void load8(const T* p, float (&x)[kChunk]) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
     const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      __half2 h;
+      Pair h;
       *reinterpret_cast<unsigned int*>(&h) = w[i];
-      const float2 f = __half22float2(h);
+      const float2 f = H::pair_to_float2(h);
       x[2 * i] = f.x;
       x[2 * i + 1] = f.y;
     }
   }
-  static __device__ __forceinline__ void store8(__half* p, const float (&x)[kChunk]) {
+  static __device__ __forceinline__ void store8(T* p, const float (&x)[kChunk]) {
     unsigned int w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const __half2 h = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+      const Pair h = H::pair_from_floats(x[2 * i], x[2 * i + 1]);
       w[i] = *reinterpret_cast<const unsigned int*>(&h);
     }
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
@@ -101,31 +126,10 @@ struct Elem<__half> {
 };
 
 template <>
-struct Elem<__nv_bfloat16> {
-  static __device__ __forceinline__ float load1(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
-  static __device__ __forceinline__ void store1(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&x)[kChunk]) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
-    const unsigned int w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __nv_bfloat162 h;
-      *reinterpret_cast<unsigned int*>(&h) = w[i];
-      const float2 f = __bfloat1622float2(h);
-      x[2 * i] = f.x;
-      x[2 * i + 1] = f.y;
-    }
-  }
-  static __device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&x)[kChunk]) {
-    unsigned int w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
-      w[i] = *reinterpret_cast<const unsigned int*>(&h);
-    }
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-  }
-};
+struct Elem<__half> : Elem16<__half> {};
+
+template <>
+struct Elem<__nv_bfloat16> : Elem16<__nv_bfloat16> {};
 
 // Loads this lane's 8 elements starting at p (element stride sd); vec: contiguous and 16-byte aligned.
 template <typename T>
@@ -217,6 +221,252 @@ struct BwdParams {
 __device__ __forceinline__ int64_t off5(const int64_t* s, int64_t b, int64_t t, int64_t h, int64_t w,
                                         int64_t head) {
   return b * s[0] + t * s[1] + h * s[2] + w * s[3] + head * s[4];
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel building blocks: the lane's place in its group, work-item decode, row loads/stores and the
+// window walks (../window.h). Every kernel reads: decode the item -> load -> walk -> store.
+// ------------------------------------------------------------------------------------------------
+
+template <int N>
+struct IntTag {
+  static constexpr int value = N;
+};
+
+__device__ __forceinline__ void zero_chunk(float (&x)[kChunk]) {
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) x[i] = 0.f;
+}
+
+__device__ __forceinline__ void scale_chunk(float (&x)[kChunk], float s) {
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) x[i] *= s;
+}
+
+// The calling lane within its group of G lanes: it owns head-dim elements [d0, d0 + kChunk) when lane_on.
+struct GroupLane {
+  unsigned gmask;
+  int glane;
+  int64_t d0;
+  bool lane_on;
+};
+
+template <int G>
+__device__ __forceinline__ GroupLane group_lane(int64_t head_dim) {
+  GroupLane g;
+  g.gmask = group_mask<G>();
+  g.glane = threadIdx.x & (G - 1);
+  g.d0 = static_cast<int64_t>(g.glane) * kChunk;
+  g.lane_on = g.d0 < head_dim;
+  return g;
+}
+
+// Grid-stride loop over `total` work items, one per group of G lanes: f(item).
+template <int G, typename F>
+__device__ __forceinline__ void for_each_item(int64_t total, F&& f) {
+  constexpr int kGroups = kThreads / G;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G; item < total;
+       item += static_cast<int64_t>(gridDim.x) * kGroups) {
+    f(item);
+  }
+}
+
+// A token grid (T, H, W): n = T * H * W tokens.
+struct TokenGrid {
+  int64_t H, W, n;
+};
+
+__device__ __forceinline__ TokenGrid token_grid(const int64_t (&len)[3]) {
+  TokenGrid g;
+  g.H = len[1];
+  g.W = len[2];
+  g.n = len[0] * g.H * g.W;
+  return g;
+}
+
+// One work item: token (t, h, w) (raster index n) of head `head` (a query head, or a kv head in the
+// dK/dV kernel) of batch b.
+struct Token {
+  int64_t b, head, t, h, w, n;
+};
+
+// Items in (batch, head, token) order, token fastest: the groups of a CTA take consecutive tokens of
+// one head, whose windows overlap, so their loads hit L1.
+__device__ __forceinline__ Token decode_item(int64_t item, const TokenGrid& g, int64_t heads) {
+  Token k;
+  k.n = item % g.n;
+  const int64_t bh = item / g.n;
+  k.head = bh % heads;
+  k.b = bh / heads;
+  k.w = k.n % g.W;
+  k.h = (k.n / g.W) % g.H;
+  k.t = k.n / (g.W * g.H);
+  return k;
+}
+
+// Offset of token k's row in a view with strides s (first five dims).
+__device__ __forceinline__ int64_t token_off(const int64_t* s, const Token& k) {
+  return off5(s, k.b, k.t, k.h, k.w, k.head);
+}
+
+// A view as the kernels use it: typed data pointer, strides in elements, 16-byte access flag.
+template <typename P>
+struct DView {
+  P* data;
+  const int64_t* s;
+  bool vec;
+};
+
+template <typename P, typename V>
+__device__ __forceinline__ DView<P> dview(const V& v, unsigned vec_flags, unsigned bit) {
+  return {static_cast<P*>(v.data), v.stride, (vec_flags & bit) != 0};
+}
+
+template <typename T>
+struct FwdViews {
+  DView<const T> q, k, v;
+  DView<T> out;
+  DView<float> lse;
+};
+
+template <typename T>
+__device__ __forceinline__ FwdViews<T> fwd_views(const FwdParams& p) {
+  return {dview<const T>(p.a.query, p.vec, kVecQ), dview<const T>(p.a.key, p.vec, kVecK),
+          dview<const T>(p.a.value, p.vec, kVecV), dview<T>(p.a.out, p.vec, kVecO), dview<float>(p.a.lse, 0u, 0u)};
+}
+
+template <typename T>
+struct BwdViews {
+  DView<const T> q, k, v, dout;
+  DView<const float> lse, delta;
+  DView<T> dq, dk, dv;
+};
+
+template <typename T>
+__device__ __forceinline__ BwdViews<T> bwd_views(const BwdParams& p) {
+  return {dview<const T>(p.a.query, p.vec, kVecQ),       dview<const T>(p.a.key, p.vec, kVecK),
+          dview<const T>(p.a.value, p.vec, kVecV),       dview<const T>(p.a.grad_out, p.vec, kVecDO),
+          dview<const float>(p.a.lse, 0u, 0u),           dview<const float>(p.a.delta, 0u, 0u),
+          dview<T>(p.a.grad_query, p.vec, kVecDQ),       dview<T>(p.a.grad_key, p.vec, kVecDK),
+          dview<T>(p.a.grad_value, p.vec, kVecDV)};
+}
+
+// Element of token k's row in a five-dim (row) view such as lse / delta.
+template <typename P>
+__device__ __forceinline__ P& row_elem(const DView<P>& v, const Token& k) {
+  return v.data[token_off(v.s, k)];
+}
+
+// Loads / stores this lane's chunk (from element d0) of token k's row.
+template <typename T>
+__device__ __forceinline__ void load_row(const DView<const T>& v, const Token& k, int64_t d0, float (&x)[kChunk]) {
+  load_chunk(v.data + token_off(v.s, k) + d0 * v.s[5], v.s[5], v.vec, x);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_row(const DView<T>& v, const Token& k, int64_t d0, const float (&x)[kChunk]) {
+  store_chunk(v.data + token_off(v.s, k) + d0 * v.s[5], v.s[5], v.vec, x);
+}
+
+// The (batch b, head) slice of a view (from head-dim element d0 for grid views); its grid rows:
+// grid_row(slice, v.s, t, h).
+template <typename P>
+__device__ __forceinline__ P* head_slice(const DView<P>& v, int64_t b, int64_t head) {
+  return v.data + b * v.s[0] + head * v.s[4];
+}
+
+template <typename P>
+__device__ __forceinline__ P* chunk_slice(const DView<P>& v, int64_t b, int64_t head, int64_t d0) {
+  return head_slice(v, b, head) + d0 * v.s[5];
+}
+
+template <typename P>
+__device__ __forceinline__ P* grid_row(P* slice, const int64_t* s, int64_t t, int64_t h) {
+  return slice + t * s[1] + h * s[2];
+}
+
+// Walks one row [lo, hi] in steps of kUnroll entries, then one at a time: step(x, IntTag<U>{}).
+template <typename StepFn>
+__device__ __forceinline__ void walk_row(int64_t lo, int64_t hi, StepFn&& step) {
+  int64_t x = lo;
+  for (; x + kUnroll - 1 <= hi; x += kUnroll) step(x, IntTag<kUnroll>{});
+  for (; x <= hi; ++x) step(x, IntTag<1>{});
+}
+
+// Walks the window of query token q in raster order, one key row at a time: row(kt, kh, kw_lo, kw_hi).
+// With raster causality the first row past the query ends the walk.
+template <typename RowFn>
+__device__ __forceinline__ void walk_window(const WindowParams& win, const Token& q, RowFn&& row) {
+  const Interval wt = window_on_axis(win, 0, q.t);
+  const Interval wh = window_on_axis(win, 1, q.h);
+  const Interval ww = window_on_axis(win, 2, q.w);
+  for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
+    for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
+      int64_t kw_hi = ww.hi;
+      if (win.raster) {
+        kw_hi = imin(kw_hi, q.n - raster_index(kt, kh, 0, win.k_len));
+        if (kw_hi < ww.lo) return;
+      }
+      row(kt, kh, ww.lo, kw_hi);
+    }
+  }
+}
+
+// Queries whose window contains key token k: a box (product of per-axis inverse intervals).
+struct InverseBox {
+  Interval t, h, w;
+};
+
+__device__ __forceinline__ InverseBox inverse_box(const WindowParams& win, const Token& k) {
+  InverseBox x;
+  x.t = inverse_window_on_axis(win, 0, k.t);
+  x.h = inverse_window_on_axis(win, 1, k.h);
+  x.w = inverse_window_on_axis(win, 2, k.w);
+  return x;
+}
+
+// Walks the box one query row at a time, with the raster filter flat(q) >= flat(k):
+// row(qt, qh, qw_lo, qw_hi).
+template <typename RowFn>
+__device__ __forceinline__ void walk_inverse_window(const WindowParams& win, const InverseBox& box, int64_t nk,
+                                                    RowFn&& row) {
+  for (int64_t qt = box.t.lo; qt <= box.t.hi; ++qt) {
+    for (int64_t qh = box.h.lo; qh <= box.h.hi; ++qh) {
+      int64_t qw_lo = box.w.lo;
+      if (win.raster) qw_lo = imax(qw_lo, nk - raster_index(qt, qh, 0, win.q_len));
+      row(qt, qh, qw_lo, box.w.hi);
+    }
+  }
+}
+
+// Per-launch constants of every kernel: the lane, the GQA group size (query heads per kv head) and the
+// softmax scale (qk_scale = scale * log2(e): scores in the log2 domain).
+struct KernelConsts {
+  GroupLane gl;
+  int64_t group;
+  float scale, qk_scale;
+};
+
+template <int G>
+__device__ __forceinline__ KernelConsts kernel_consts(const Na3dProblem& pr) {
+  KernelConsts c;
+  c.gl = group_lane<G>(pr.head_dim);
+  c.group = pr.heads / pr.heads_kv;
+  c.scale = static_cast<float>(pr.scale);
+  c.qk_scale = c.scale * kLog2e;
+  return c;
+}
+
+// Walks the keys of query token q's window (walk_window, walk_row): step(k, v, IntTag<U>{}) for the U
+// consecutive keys k[u * ks[3]] and values v[u * vs[3]] of a row; kb, vb: the (batch, kv head) slices.
+template <typename T, typename StepFn>
+__device__ __forceinline__ void walk_window_keys(const WindowParams& win, const Token& q, const T* kb,
+                                                 const int64_t* ks, const T* vb, const int64_t* vs, StepFn&& step) {
+  walk_window(win, q, [&](int64_t kt, int64_t kh, int64_t kw_lo, int64_t kw_hi) {
+    const T* krow = grid_row(kb, ks, kt, kh);
+    const T* vrow = grid_row(vb, vs, kt, kh);
+    walk_row(kw_lo, kw_hi, [&](int64_t kw, auto u) { step(krow + kw * ks[3], vrow + kw * vs[3], u); });
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -347,101 +597,42 @@ __device__ __forceinline__ void dkv_queries(const T* qrow, const T* dorow, const
 
 template <typename T, int G>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) na3d_fwd_kernel(const FwdParams p) {
-  constexpr int kGroups = kThreads / G;
   const Na3dProblem& pr = p.a.prob;
-  const WindowParams& win = pr.win;
-  const unsigned gmask = group_mask<G>();
-  const int glane = threadIdx.x & (G - 1);
-  const int64_t d0 = static_cast<int64_t>(glane) * kChunk;
-  const bool lane_on = d0 < pr.head_dim;
+  const KernelConsts c = kernel_consts<G>(pr);
+  const GroupLane& gl = c.gl;
+  const TokenGrid qg = token_grid(pr.win.q_len);
+  const FwdViews<T> V = fwd_views<T>(p);
+  const int64_t *ks = V.k.s, *vs = V.v.s;
 
-  const int64_t Hq = win.q_len[1], Wq = win.q_len[2];
-  const int64_t n_q = win.q_len[0] * Hq * Wq;
-  const int64_t heads = pr.heads;
-  const int64_t group = pr.heads / pr.heads_kv;
-  const int64_t total = pr.batch * n_q * heads;
-  const float qk_scale = static_cast<float>(pr.scale) * kLog2e;
+  for_each_item<G>(pr.batch * qg.n * pr.heads, [&](int64_t item) {
+    const Token tok = decode_item(item, qg, pr.heads);
+    const int64_t hk = tok.head / c.group;
 
-  const T* __restrict__ qp = static_cast<const T*>(p.a.query.data);
-  const T* __restrict__ kp = static_cast<const T*>(p.a.key.data);
-  const T* __restrict__ vp = static_cast<const T*>(p.a.value.data);
-  T* __restrict__ op = static_cast<T*>(p.a.out.data);
-  float* __restrict__ lp = static_cast<float*>(p.a.lse.data);
-  const int64_t* qs = p.a.query.stride;
-  const int64_t* ks = p.a.key.stride;
-  const int64_t* vs = p.a.value.stride;
-  const int64_t* os = p.a.out.stride;
-  const bool vq = p.vec & kVecQ, vk = p.vec & kVecK, vv = p.vec & kVecV, vo = p.vec & kVecO;
-
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G; item < total;
-       item += static_cast<int64_t>(gridDim.x) * kGroups) {
-    // Items in (batch, head, token) order, token fastest: the groups of a CTA take consecutive
-    // queries of one head, whose windows overlap, so their key/value loads hit L1.
-    const int64_t n = item % n_q;  // raster index of the query
-    const int64_t bh = item / n_q;
-    const int64_t head = bh % heads;
-    const int64_t b = bh / heads;
-    const int64_t w = n % Wq;
-    const int64_t h = (n / Wq) % Hq;
-    const int64_t t = n / (Wq * Hq);
-    const int64_t hk = head / group;
-
-    float q[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) q[i] = 0.f;
-    if (lane_on) {
-      load_chunk(qp + off5(qs, b, t, h, w, head) + d0 * qs[5], qs[5], vq, q);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) q[i] *= qk_scale;  // scores in the log2 domain
+    float q[kChunk], acc[kChunk];
+    zero_chunk(q);
+    zero_chunk(acc);
+    if (gl.lane_on) {
+      load_row(V.q, tok, gl.d0, q);
+      scale_chunk(q, c.qk_scale);  // scores in the log2 domain
     }
-    float acc[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) acc[i] = 0.f;
     float m = -INFINITY;
     float l = 0.f;
 
-    const Interval wt = window_on_axis(win, 0, t);
-    const Interval wh = window_on_axis(win, 1, h);
-    const Interval ww = window_on_axis(win, 2, w);
-    const T* kb = kp + b * ks[0] + hk * ks[4] + d0 * ks[5];
-    const T* vb = vp + b * vs[0] + hk * vs[4] + d0 * vs[5];
-    bool done = false;
-    for (int64_t kt = wt.lo; kt <= wt.hi && !done; ++kt) {
-      for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
-        int64_t kw_hi = ww.hi;
-        if (win.raster) {
-          // Keys are walked in raster order: the first row past the query ends the walk.
-          kw_hi = imin(kw_hi, n - raster_index(kt, kh, 0, win.k_len));
-          if (kw_hi < ww.lo) {
-            done = true;
-            break;
-          }
-        }
-        const T* krow = kb + kt * ks[1] + kh * ks[2];
-        const T* vrow = vb + kt * vs[1] + kh * vs[2];
-        int64_t kw = ww.lo;
-        for (; kw + kUnroll - 1 <= kw_hi; kw += kUnroll) {
-          fwd_keys<T, G, kUnroll>(krow + kw * ks[3], vrow + kw * vs[3], ks[3], ks[5], vs[3], vs[5], vk, vv,
-                                  lane_on, gmask, q, m, l, acc);
-        }
-        for (; kw <= kw_hi; ++kw) {
-          fwd_keys<T, G, 1>(krow + kw * ks[3], vrow + kw * vs[3], ks[3], ks[5], vs[3], vs[5], vk, vv, lane_on,
-                            gmask, q, m, l, acc);
-        }
-      }
-    }
+    const T* kb = chunk_slice(V.k, tok.b, hk, gl.d0);
+    const T* vb = chunk_slice(V.v, tok.b, hk, gl.d0);
+    walk_window_keys(pr.win, tok, kb, ks, vb, vs, [&](const T* k, const T* v, auto u) {
+      fwd_keys<T, G, decltype(u)::value>(k, v, ks[3], ks[5], vs[3], vs[5], V.k.vec, V.v.vec, gl.lane_on, gl.gmask, q,
+                                         m, l, acc);
+    });
 
     // Every query sees at least one key (contract section 4); l > 0 is a guard only.
     const float inv_l = l > 0.f ? 1.f / l : 0.f;
-    if (lane_on) {
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) acc[i] *= inv_l;
-      store_chunk(op + off5(os, b, t, h, w, head) + d0 * os[5], os[5], vo, acc);
+    if (gl.lane_on) {
+      scale_chunk(acc, inv_l);
+      store_row(V.out, tok, gl.d0, acc);
     }
-    if (glane == 0) {
-      lp[off5(p.a.lse.stride, b, t, h, w, head)] = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
-    }
-  }
+    if (gl.glane == 0) row_elem(V.lse, tok) = l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -450,99 +641,41 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) na3d_fwd_kernel(const Fw
 
 template <typename T, int G>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) na3d_bwd_dq_kernel(const BwdParams p) {
-  constexpr int kGroups = kThreads / G;
   const Na3dProblem& pr = p.a.prob;
-  const WindowParams& win = pr.win;
-  const unsigned gmask = group_mask<G>();
-  const int glane = threadIdx.x & (G - 1);
-  const int64_t d0 = static_cast<int64_t>(glane) * kChunk;
-  const bool lane_on = d0 < pr.head_dim;
+  const KernelConsts c = kernel_consts<G>(pr);
+  const GroupLane& gl = c.gl;
+  const TokenGrid qg = token_grid(pr.win.q_len);
+  const BwdViews<T> V = bwd_views<T>(p);
+  const int64_t *ks = V.k.s, *vs = V.v.s;
 
-  const int64_t Hq = win.q_len[1], Wq = win.q_len[2];
-  const int64_t n_q = win.q_len[0] * Hq * Wq;
-  const int64_t heads = pr.heads;
-  const int64_t group = pr.heads / pr.heads_kv;
-  const int64_t total = pr.batch * n_q * heads;
-  const float scale = static_cast<float>(pr.scale);
-  const float qk_scale = scale * kLog2e;
-
-  const T* __restrict__ qp = static_cast<const T*>(p.a.query.data);
-  const T* __restrict__ kp = static_cast<const T*>(p.a.key.data);
-  const T* __restrict__ vp = static_cast<const T*>(p.a.value.data);
-  const T* __restrict__ dop = static_cast<const T*>(p.a.grad_out.data);
-  const float* __restrict__ lp = static_cast<const float*>(p.a.lse.data);
-  const float* __restrict__ dlp = static_cast<const float*>(p.a.delta.data);
-  T* __restrict__ dqp = static_cast<T*>(p.a.grad_query.data);
-  const int64_t* qs = p.a.query.stride;
-  const int64_t* ks = p.a.key.stride;
-  const int64_t* vs = p.a.value.stride;
-  const int64_t* dos = p.a.grad_out.stride;
-  const int64_t* dqs = p.a.grad_query.stride;
-  const bool vq = p.vec & kVecQ, vk = p.vec & kVecK, vv = p.vec & kVecV;
-  const bool vdo = p.vec & kVecDO, vdq = p.vec & kVecDQ;
-
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G; item < total;
-       item += static_cast<int64_t>(gridDim.x) * kGroups) {
-    const int64_t n = item % n_q;  // (batch, head, token) order, as in the forward
-    const int64_t bh = item / n_q;
-    const int64_t head = bh % heads;
-    const int64_t b = bh / heads;
-    const int64_t w = n % Wq;
-    const int64_t h = (n / Wq) % Hq;
-    const int64_t t = n / (Wq * Hq);
-    const int64_t hk = head / group;
+  for_each_item<G>(pr.batch * qg.n * pr.heads, [&](int64_t item) {
+    const Token tok = decode_item(item, qg, pr.heads);  // (batch, head, token) order, as in the forward
+    const int64_t hk = tok.head / c.group;
 
     float q[kChunk], dout[kChunk], dq[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      q[i] = 0.f;
-      dout[i] = 0.f;
-      dq[i] = 0.f;
+    zero_chunk(q);
+    zero_chunk(dout);
+    zero_chunk(dq);
+    if (gl.lane_on) {
+      load_row(V.q, tok, gl.d0, q);
+      load_row(V.dout, tok, gl.d0, dout);
+      scale_chunk(q, c.qk_scale);
     }
-    if (lane_on) {
-      load_chunk(qp + off5(qs, b, t, h, w, head) + d0 * qs[5], qs[5], vq, q);
-      load_chunk(dop + off5(dos, b, t, h, w, head) + d0 * dos[5], dos[5], vdo, dout);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) q[i] *= qk_scale;
-    }
-    const float lse2 = lp[off5(p.a.lse.stride, b, t, h, w, head)] * kLog2e;
-    const float dlt = dlp[off5(p.a.delta.stride, b, t, h, w, head)];
+    const float lse2 = row_elem(V.lse, tok) * kLog2e;
+    const float dlt = row_elem(V.delta, tok);
 
-    const Interval wt = window_on_axis(win, 0, t);
-    const Interval wh = window_on_axis(win, 1, h);
-    const Interval ww = window_on_axis(win, 2, w);
-    const T* kb = kp + b * ks[0] + hk * ks[4] + d0 * ks[5];
-    const T* vb = vp + b * vs[0] + hk * vs[4] + d0 * vs[5];
-    bool done = false;
-    for (int64_t kt = wt.lo; kt <= wt.hi && !done; ++kt) {
-      for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
-        int64_t kw_hi = ww.hi;
-        if (win.raster) {
-          kw_hi = imin(kw_hi, n - raster_index(kt, kh, 0, win.k_len));
-          if (kw_hi < ww.lo) {
-            done = true;
-            break;
-          }
-        }
-        const T* krow = kb + kt * ks[1] + kh * ks[2];
-        const T* vrow = vb + kt * vs[1] + kh * vs[2];
-        int64_t kw = ww.lo;
-        for (; kw + kUnroll - 1 <= kw_hi; kw += kUnroll) {
-          dq_keys<T, G, kUnroll>(krow + kw * ks[3], vrow + kw * vs[3], ks[3], ks[5], vs[3], vs[5], vk, vv,
-                                 lane_on, gmask, q, dout, lse2, dlt, dq);
-        }
-        for (; kw <= kw_hi; ++kw) {
-          dq_keys<T, G, 1>(krow + kw * ks[3], vrow + kw * vs[3], ks[3], ks[5], vs[3], vs[5], vk, vv, lane_on,
-                           gmask, q, dout, lse2, dlt, dq);
-        }
-      }
+    const T* kb = chunk_slice(V.k, tok.b, hk, gl.d0);
+    const T* vb = chunk_slice(V.v, tok.b, hk, gl.d0);
+    walk_window_keys(pr.win, tok, kb, ks, vb, vs, [&](const T* k, const T* v, auto u) {
+      dq_keys<T, G, decltype(u)::value>(k, v, ks[3], ks[5], vs[3], vs[5], V.k.vec, V.v.vec, gl.lane_on, gl.gmask, q,
+                                        dout, lse2, dlt, dq);
+    });
+
+    if (gl.lane_on) {
+      scale_chunk(dq, c.scale);
+      store_row(V.dq, tok, gl.d0, dq);
     }
-    if (lane_on) {
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) dq[i] *= scale;
-      store_chunk(dqp + off5(dqs, b, t, h, w, head) + d0 * dqs[5], dqs[5], vdq, dq);
-    }
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -551,106 +684,54 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) na3d_bwd_dq_kernel(const
 
 template <typename T, int G>
 __global__ void __launch_bounds__(kThreads, kMinBlocksDkv) na3d_bwd_dkv_kernel(const BwdParams p) {
-  constexpr int kGroups = kThreads / G;
   const Na3dProblem& pr = p.a.prob;
   const WindowParams& win = pr.win;
-  const unsigned gmask = group_mask<G>();
-  const int glane = threadIdx.x & (G - 1);
-  const int64_t d0 = static_cast<int64_t>(glane) * kChunk;
-  const bool lane_on = d0 < pr.head_dim;
+  const KernelConsts c = kernel_consts<G>(pr);
+  const GroupLane& gl = c.gl;
+  const TokenGrid kg = token_grid(win.k_len);
+  const BwdViews<T> V = bwd_views<T>(p);
+  const int64_t *qs = V.q.s, *dos = V.dout.s, *ls = V.lse.s, *dls = V.delta.s;
 
-  const int64_t Hk = win.k_len[1], Wk = win.k_len[2];
-  const int64_t n_k = win.k_len[0] * Hk * Wk;
-  const int64_t heads_kv = pr.heads_kv;
-  const int64_t group = pr.heads / pr.heads_kv;
-  const int64_t total = pr.batch * n_k * heads_kv;
-  const float scale = static_cast<float>(pr.scale);
-  const float qk_scale = scale * kLog2e;
-
-  const T* __restrict__ qp = static_cast<const T*>(p.a.query.data);
-  const T* __restrict__ kp = static_cast<const T*>(p.a.key.data);
-  const T* __restrict__ vp = static_cast<const T*>(p.a.value.data);
-  const T* __restrict__ dop = static_cast<const T*>(p.a.grad_out.data);
-  const float* __restrict__ lp = static_cast<const float*>(p.a.lse.data);
-  const float* __restrict__ dlp = static_cast<const float*>(p.a.delta.data);
-  T* __restrict__ dkp = static_cast<T*>(p.a.grad_key.data);
-  T* __restrict__ dvp = static_cast<T*>(p.a.grad_value.data);
-  const int64_t* qs = p.a.query.stride;
-  const int64_t* ks = p.a.key.stride;
-  const int64_t* vs = p.a.value.stride;
-  const int64_t* dos = p.a.grad_out.stride;
-  const int64_t* ls = p.a.lse.stride;
-  const int64_t* dls = p.a.delta.stride;
-  const int64_t* dks = p.a.grad_key.stride;
-  const int64_t* dvs = p.a.grad_value.stride;
-  const bool vq = p.vec & kVecQ, vk = p.vec & kVecK, vv = p.vec & kVecV;
-  const bool vdo = p.vec & kVecDO, vdk = p.vec & kVecDK, vdv = p.vec & kVecDV;
-
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGroups + threadIdx.x / G; item < total;
-       item += static_cast<int64_t>(gridDim.x) * kGroups) {
-    const int64_t nk = item % n_k;  // raster index of the key; (batch, kv head, token) order
-    const int64_t bh = item / n_k;
-    const int64_t hk = bh % heads_kv;
-    const int64_t b = bh / heads_kv;
-    const int64_t kw = nk % Wk;
-    const int64_t kh = (nk / Wk) % Hk;
-    const int64_t kt = nk / (Wk * Hk);
+  for_each_item<G>(pr.batch * kg.n * pr.heads_kv, [&](int64_t item) {
+    const Token key = decode_item(item, kg, pr.heads_kv);  // (batch, kv head, token) order; key.head = kv head
 
     float kx[kChunk], vx[kChunk], dk[kChunk], dv[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) {
-      kx[i] = 0.f;
-      vx[i] = 0.f;
-      dk[i] = 0.f;
-      dv[i] = 0.f;
-    }
-    if (lane_on) {
-      load_chunk(kp + off5(ks, b, kt, kh, kw, hk) + d0 * ks[5], ks[5], vk, kx);
-      load_chunk(vp + off5(vs, b, kt, kh, kw, hk) + d0 * vs[5], vs[5], vv, vx);
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) kx[i] *= qk_scale;
+    zero_chunk(kx);
+    zero_chunk(vx);
+    zero_chunk(dk);
+    zero_chunk(dv);
+    if (gl.lane_on) {
+      load_row(V.k, key, gl.d0, kx);
+      load_row(V.v, key, gl.d0, vx);
+      scale_chunk(kx, c.qk_scale);
     }
 
-    // Queries whose window contains this key: a box (product of per-axis inverse intervals).
-    const Interval it = inverse_window_on_axis(win, 0, kt);
-    const Interval ih = inverse_window_on_axis(win, 1, kh);
-    const Interval iw = inverse_window_on_axis(win, 2, kw);
+    const InverseBox box = inverse_box(win, key);
+    for (int64_t g = 0; g < c.group; ++g) {
+      const int64_t head = key.head * c.group + g;
+      const T* qb = chunk_slice(V.q, key.b, head, gl.d0);
+      const T* dob = chunk_slice(V.dout, key.b, head, gl.d0);
+      const float* lb = head_slice(V.lse, key.b, head);
+      const float* dlb = head_slice(V.delta, key.b, head);
+      walk_inverse_window(win, box, key.n, [&](int64_t qt, int64_t qh, int64_t qw_lo, int64_t qw_hi) {
+        const T* qrow = grid_row(qb, qs, qt, qh);
+        const T* dorow = grid_row(dob, dos, qt, qh);
+        const float* lrow = grid_row(lb, ls, qt, qh);
+        const float* dlrow = grid_row(dlb, dls, qt, qh);
+        walk_row(qw_lo, qw_hi, [&](int64_t qw, auto u) {
+          dkv_queries<T, G, decltype(u)::value>(qrow + qw * qs[3], dorow + qw * dos[3], lrow + qw * ls[3],
+                                                dlrow + qw * dls[3], qs[3], qs[5], dos[3], dos[5], ls[3], dls[3],
+                                                V.q.vec, V.dout.vec, gl.lane_on, gl.gmask, kx, vx, dk, dv);
+        });
+      });
+    }
 
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t head = hk * group + g;
-      const T* qb = qp + b * qs[0] + head * qs[4] + d0 * qs[5];
-      const T* dob = dop + b * dos[0] + head * dos[4] + d0 * dos[5];
-      const float* lb = lp + b * ls[0] + head * ls[4];
-      const float* dlb = dlp + b * dls[0] + head * dls[4];
-      for (int64_t qt = it.lo; qt <= it.hi; ++qt) {
-        for (int64_t qh = ih.lo; qh <= ih.hi; ++qh) {
-          int64_t qw_lo = iw.lo;
-          if (win.raster) qw_lo = imax(qw_lo, nk - raster_index(qt, qh, 0, win.q_len));  // flat(q) >= flat(k)
-          const T* qrow = qb + qt * qs[1] + qh * qs[2];
-          const T* dorow = dob + qt * dos[1] + qh * dos[2];
-          const float* lrow = lb + qt * ls[1] + qh * ls[2];
-          const float* dlrow = dlb + qt * dls[1] + qh * dls[2];
-          int64_t qw = qw_lo;
-          for (; qw + kUnroll - 1 <= iw.hi; qw += kUnroll) {
-            dkv_queries<T, G, kUnroll>(qrow + qw * qs[3], dorow + qw * dos[3], lrow + qw * ls[3],
-                                       dlrow + qw * dls[3], qs[3], qs[5], dos[3], dos[5], ls[3], dls[3], vq, vdo,
-                                       lane_on, gmask, kx, vx, dk, dv);
-          }
-          for (; qw <= iw.hi; ++qw) {
-            dkv_queries<T, G, 1>(qrow + qw * qs[3], dorow + qw * dos[3], lrow + qw * ls[3], dlrow + qw * dls[3],
-                                 qs[3], qs[5], dos[3], dos[5], ls[3], dls[3], vq, vdo, lane_on, gmask, kx, vx, dk,
-                                 dv);
-          }
-        }
-      }
+    if (gl.lane_on) {
+      scale_chunk(dk, c.scale);
+      store_row(V.dk, key, gl.d0, dk);
+      store_row(V.dv, key, gl.d0, dv);
     }
-    if (lane_on) {
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) dk[i] *= scale;
-      store_chunk(dkp + off5(dks, b, kt, kh, kw, hk) + d0 * dks[5], dks[5], vdk, dk);
-      store_chunk(dvp + off5(dvs, b, kt, kh, kw, hk) + d0 * dvs[5], dvs[5], vdv, dv);
-    }
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -736,13 +817,42 @@ inline const char* check_problem(const Na3dProblem& pr) {
 }
 
 
+// Token counts of the query and key grids.
+inline int64_t n_tokens(const int64_t (&len)[3]) { return len[0] * len[1] * len[2]; }
+
+// Element size and view sizes of a call, for the vectorisation flags.
+struct ViewShapes {
+  size_t es;
+  int64_t q[6], k[6];
+};
+
+inline ViewShapes view_shapes(const Na3dProblem& pr) {
+  ViewShapes v;
+  v.es = elem_size(pr.dtype);
+  q_sizes(pr, v.q);
+  k_sizes(pr, v.k);
+  return v;
+}
+
+// `bit` when the view may use 16-byte accesses (vec_ok), else 0.
+template <typename View>
+inline unsigned vec_bit(const View& v, const int64_t* size, size_t es, unsigned bit) {
+  return vec_ok(v.data, v.stride, size, es) ? bit : 0u;
+}
+
+// Flags of query, key and value (both argument structs have them).
+template <typename Args>
+inline unsigned qkv_vec_bits(const Args& args, const ViewShapes& sh) {
+  return vec_bit(args.query, sh.q, sh.es, kVecQ) | vec_bit(args.key, sh.k, sh.es, kVecK) |
+         vec_bit(args.value, sh.k, sh.es, kVecV);
+}
+
 // Validates a forward call and builds the kernel parameters; total = work items (0: nothing to do).
 inline cudaError_t prepare_fwd(const Na3dFwdArgs& args, FwdParams& p, int64_t& total) {
   const Na3dProblem& pr = args.prob;
   total = 0;
   if (check_problem(pr) != nullptr) return cudaErrorInvalidValue;
-  const int64_t n_q = pr.win.q_len[0] * pr.win.q_len[1] * pr.win.q_len[2];
-  const int64_t n_k = pr.win.k_len[0] * pr.win.k_len[1] * pr.win.k_len[2];
+  const int64_t n_q = n_tokens(pr.win.q_len), n_k = n_tokens(pr.win.k_len);
   const int64_t items = pr.batch * n_q * pr.heads;
   if (items == 0) return cudaSuccess;
   if (n_k == 0) return cudaErrorInvalidValue;  // queries without keys: nothing to attend to
@@ -750,15 +860,8 @@ inline cudaError_t prepare_fwd(const Na3dFwdArgs& args, FwdParams& p, int64_t& t
       args.out.data == nullptr || args.lse.data == nullptr)
     return cudaErrorInvalidValue;
   p.a = args;
-  const size_t es = elem_size(pr.dtype);
-  int64_t qsz[6], ksz[6];
-  q_sizes(pr, qsz);
-  k_sizes(pr, ksz);
-  p.vec = 0;
-  if (vec_ok(args.query.data, args.query.stride, qsz, es)) p.vec |= kVecQ;
-  if (vec_ok(args.key.data, args.key.stride, ksz, es)) p.vec |= kVecK;
-  if (vec_ok(args.value.data, args.value.stride, ksz, es)) p.vec |= kVecV;
-  if (vec_ok(args.out.data, args.out.stride, qsz, es)) p.vec |= kVecO;
+  const ViewShapes sh = view_shapes(pr);
+  p.vec = qkv_vec_bits(args, sh) | vec_bit(args.out, sh.q, sh.es, kVecO);
   total = items;
   return cudaSuccess;
 }
@@ -769,8 +872,7 @@ inline cudaError_t prepare_bwd(const Na3dBwdArgs& args, BwdParams& p, int64_t& t
   const Na3dProblem& pr = args.prob;
   total_q = total_k = 0;
   if (check_problem(pr) != nullptr) return cudaErrorInvalidValue;
-  const int64_t n_q = pr.win.q_len[0] * pr.win.q_len[1] * pr.win.q_len[2];
-  const int64_t n_k = pr.win.k_len[0] * pr.win.k_len[1] * pr.win.k_len[2];
+  const int64_t n_q = n_tokens(pr.win.q_len), n_k = n_tokens(pr.win.k_len);
   const int64_t items_q = pr.batch * n_q * pr.heads;
   const int64_t items_k = pr.batch * n_k * pr.heads_kv;
   if (items_q == 0 && items_k == 0) return cudaSuccess;
@@ -783,18 +885,10 @@ inline cudaError_t prepare_bwd(const Na3dBwdArgs& args, BwdParams& p, int64_t& t
   if (items_k > 0 && n_q > 0 && (args.key.data == nullptr || args.value.data == nullptr))
     return cudaErrorInvalidValue;
   p.a = args;
-  const size_t es = elem_size(pr.dtype);
-  int64_t qsz[6], ksz[6];
-  q_sizes(pr, qsz);
-  k_sizes(pr, ksz);
-  p.vec = 0;
-  if (vec_ok(args.query.data, args.query.stride, qsz, es)) p.vec |= kVecQ;
-  if (vec_ok(args.key.data, args.key.stride, ksz, es)) p.vec |= kVecK;
-  if (vec_ok(args.value.data, args.value.stride, ksz, es)) p.vec |= kVecV;
-  if (vec_ok(args.grad_out.data, args.grad_out.stride, qsz, es)) p.vec |= kVecDO;
-  if (vec_ok(args.grad_query.data, args.grad_query.stride, qsz, es)) p.vec |= kVecDQ;
-  if (vec_ok(args.grad_key.data, args.grad_key.stride, ksz, es)) p.vec |= kVecDK;
-  if (vec_ok(args.grad_value.data, args.grad_value.stride, ksz, es)) p.vec |= kVecDV;
+  const ViewShapes sh = view_shapes(pr);
+  p.vec = qkv_vec_bits(args, sh) | vec_bit(args.grad_out, sh.q, sh.es, kVecDO) |
+          vec_bit(args.grad_query, sh.q, sh.es, kVecDQ) | vec_bit(args.grad_key, sh.k, sh.es, kVecDK) |
+          vec_bit(args.grad_value, sh.k, sh.es, kVecDV);
   total_q = items_q;
   total_k = items_k;
   return cudaSuccess;
