@@ -87,3 +87,78 @@ if HAS_TRITON:
         m = m & (kh[None, :] >= lh[:, None]) & (kh[None, :] <= hh[:, None])
         m = m & (kw[None, :] >= lw[:, None]) & (kw[None, :] <= hw[:, None])
         return m
+
+    @triton.jit
+    def program_head(i_bh, HEADS, GROUP):
+        """``(batch, query head, kv head)`` of the flat index ``i_bh`` over ``batch * HEADS``."""
+        i_b = i_bh // HEADS
+        i_n = i_bh % HEADS
+        i_nk = i_n // GROUP
+        return i_b, i_n, i_nk
+
+    @triton.jit
+    def program_brick(i_m, NB_H, NB_W, LOG_BT, LOG_BH, LOG_BW):
+        """Brick ``(pt, ph, pw)`` of program ``i_m`` on a ``(?, NB_H, NB_W)`` brick grid and its origin
+        ``(t0, h0, w0)`` for bricks of ``(2**LOG_BT, 2**LOG_BH, 2**LOG_BW)``."""
+        pw = i_m % NB_W
+        ph = (i_m // NB_W) % NB_H
+        pt = i_m // (NB_W * NB_H)
+        t0 = pt << LOG_BT
+        h0 = ph << LOG_BH
+        w0 = pw << LOG_BW
+        return pt, ph, pw, t0, h0, w0
+
+    @triton.jit
+    def in_grid(t, h, w, T, H, W):
+        """Mask of the coordinates inside a ``(T, H, W)`` grid."""
+        return (t < T) & (h < H) & (w < W)
+
+    @triton.jit
+    def offsets64(t, h, w, st, sh, sw):
+        """64-bit element offsets of the coordinates ``(t, h, w)`` for strides ``(st, sh, sw)``."""
+        return t.to(tl.int64) * st + h.to(tl.int64) * sh + w.to(tl.int64) * sw
+
+    @triton.jit
+    def row_windows(WIN, qt, qh, qw, m_q, T, H, W, TK, HK, WK):
+        """Per-row key windows ``(lt, ht, lh, hh, lw, hw)`` (inclusive); rows outside the grid see nothing."""
+        lt = tl.load(WIN + qt, mask=m_q, other=TK)
+        ht = tl.load(WIN + T + qt, mask=m_q, other=-1)
+        lh = tl.load(WIN + 2 * T + qh, mask=m_q, other=HK)
+        hh = tl.load(WIN + 2 * T + H + qh, mask=m_q, other=-1)
+        lw = tl.load(WIN + 2 * T + 2 * H + qw, mask=m_q, other=WK)
+        hw = tl.load(WIN + 2 * T + 2 * H + W + qw, mask=m_q, other=-1)
+        return lt, ht, lh, hh, lw, hw
+
+    @triton.jit
+    def tile_lists(TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER: tl.constexpr):
+        """Offsets of the per-axis tile lists of brick ``(pt, ph, pw)`` in ``TILES``, the tile counts
+        ``cw`` and ``chw`` that decode a flat tile index, and the ``[j_begin, j_end)`` range to walk."""
+        off_lt = NB_T
+        off_ch = NB_T * (1 + MAX_T)
+        off_lh = off_ch + NB_H
+        off_cw = off_lh + NB_H * MAX_H
+        off_lw = off_cw + NB_W
+        ct = tl.load(TILES + pt)
+        ch = tl.load(TILES + off_ch + ph)
+        cw = tl.load(TILES + off_cw + pw)
+        chw = ch * cw
+        if RASTER:
+            j_begin = tl.load(BOUNDS + 2 * i_m)
+            j_end = tl.load(BOUNDS + 2 * i_m + 1)
+        else:
+            j_begin = 0
+            j_end = ct * chw
+        return off_lt, off_lh, off_lw, cw, chw, j_begin, j_end
+
+    @triton.jit
+    def tile_coords(TILES, j, off_lt, off_lh, off_lw, cw, chw, pt, ph, pw, MAX_T, MAX_H, MAX_W, ot, oh, ow):
+        """Tile ``j`` of brick ``(pt, ph, pw)``: its origin ``(t0, h0, w0)``, the coordinates
+        ``(t, h, w)`` of its elements (offsets ``(ot, oh, ow)`` from the origin) and whether it is
+        full on every axis."""
+        jt = j // chw
+        jh = (j - jt * chw) // cw
+        jw = j - jt * chw - jh * cw
+        t0, ft = tile_entry(TILES, off_lt, pt, MAX_T, jt)
+        h0, fh = tile_entry(TILES, off_lh, ph, MAX_H, jh)
+        w0, fw = tile_entry(TILES, off_lw, pw, MAX_W, jw)
+        return t0, h0, w0, t0 + ot, h0 + oh, w0 + ow, ft & fh & fw

@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 
 from ._common import LOG2E, autotune_configs, dot_precision, triton, tl, upcast_tiles
-from ._common import brick_coords, tile_entry, window_mask  # noqa: F401  (jit helpers)
+from ._common import (  # noqa: F401  (jit helpers)
+    brick_coords, in_grid, offsets64, program_brick, program_head, row_windows, tile_coords, tile_lists,
+    window_mask,
+)
 from .fwd import _NO_SPEC
 from .plan import AttentionPlan
 
@@ -41,18 +44,11 @@ def nearby_bwd_dq_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // HEADS
-    i_n = i_bh % HEADS
-    i_nk = i_n // GROUP
-    pw = i_m % NB_W
-    ph = (i_m // NB_W) % NB_H
-    pt = i_m // (NB_W * NB_H)
-    t0 = pt << LOG_BT
-    h0 = ph << LOG_BH
-    w0 = pw << LOG_BW
+    i_b, i_n, i_nk = program_head(i_bh, HEADS, GROUP)
+    pt, ph, pw, t0, h0, w0 = program_brick(i_m, NB_H, NB_W, LOG_BT, LOG_BH, LOG_BW)
     o_r = tl.arange(0, BLOCK_M)
     qt, qh, qw = brick_coords(o_r, t0, h0, w0, LOG_BH, LOG_BW)
-    m_q = (qt < T) & (qh < H) & (qw < W)
+    m_q = in_grid(qt, qh, qw, T, H, W)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     m_qd = m_q[:, None] & m_d[None, :]
@@ -75,30 +71,12 @@ def nearby_bwd_dq_kernel(
     b_delta = tl.load(DELTA + i_b * sdlb + i_n * sdln + qt64 * sdlt + qh64 * sdlh + qw64 * sdlw,
                       mask=m_q, other=0.0)
 
-    lt = tl.load(WIN + qt, mask=m_q, other=TK)
-    ht = tl.load(WIN + T + qt, mask=m_q, other=-1)
-    lh = tl.load(WIN + 2 * T + qh, mask=m_q, other=HK)
-    hh = tl.load(WIN + 2 * T + H + qh, mask=m_q, other=-1)
-    lw = tl.load(WIN + 2 * T + 2 * H + qw, mask=m_q, other=WK)
-    hw = tl.load(WIN + 2 * T + 2 * H + W + qw, mask=m_q, other=-1)
+    lt, ht, lh, hh, lw, hw = row_windows(WIN, qt, qh, qw, m_q, T, H, W, TK, HK, WK)
     fq = (qt * H + qh) * W + qw
     fq0 = (t0 * H + h0) * W + w0
 
-    off_lt = NB_T
-    off_ch = NB_T * (1 + MAX_T)
-    off_lh = off_ch + NB_H
-    off_cw = off_lh + NB_H * MAX_H
-    off_lw = off_cw + NB_W
-    ct = tl.load(TILES + pt)
-    ch = tl.load(TILES + off_ch + ph)
-    cw = tl.load(TILES + off_cw + pw)
-    chw = ch * cw
-    if RASTER:
-        j_begin = tl.load(BOUNDS + 2 * i_m)
-        j_end = tl.load(BOUNDS + 2 * i_m + 1)
-    else:
-        j_begin = 0
-        j_end = ct * chw
+    off_lt, off_lh, off_lw, cw, chw, j_begin, j_end = tile_lists(
+        TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER)
 
     o_c = tl.arange(0, BLOCK_N)
     ot, oh, ow = brick_coords(o_c, 0, 0, 0, LOG_KH, LOG_KW)
@@ -107,18 +85,11 @@ def nearby_bwd_dq_kernel(
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j in range(j_begin, j_end):
-        jt = j // chw
-        jh = (j - jt * chw) // cw
-        jw = j - jt * chw - jh * cw
-        kt0, ft = tile_entry(TILES, off_lt, pt, MAX_T, jt)
-        kh0, fh = tile_entry(TILES, off_lh, ph, MAX_H, jh)
-        kw0, fw = tile_entry(TILES, off_lw, pw, MAX_W, jw)
-        kt = kt0 + ot
-        kh = kh0 + oh
-        kw = kw0 + ow
-        m_k = (kt < TK) & (kh < HK) & (kw < WK)
-        koff = kt.to(tl.int64) * skt + kh.to(tl.int64) * skh + kw.to(tl.int64) * skw
-        voff = kt.to(tl.int64) * svt + kh.to(tl.int64) * svh + kw.to(tl.int64) * svw
+        kt0, kh0, kw0, kt, kh, kw, full = tile_coords(
+            TILES, j, off_lt, off_lh, off_lw, cw, chw, pt, ph, pw, MAX_T, MAX_H, MAX_W, ot, oh, ow)
+        m_k = in_grid(kt, kh, kw, TK, HK, WK)
+        koff = offsets64(kt, kh, kw, skt, skh, skw)
+        voff = offsets64(kt, kh, kw, svt, svh, svw)
         # [BLOCK_N, BLOCK_D] and [BLOCK_D, BLOCK_N]
         b_k = tl.load(k_base + koff[:, None] + d64[None, :] * skd, mask=m_k[:, None] & m_d[None, :], other=0.0)
         b_vT = tl.load(v_base + voff[None, :] + d64[:, None] * svd, mask=m_k[None, :] & m_d[:, None], other=0.0)
@@ -128,7 +99,6 @@ def nearby_bwd_dq_kernel(
         # [BLOCK_M, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
         b_p = tl.exp2(b_s - b_lse2[:, None])
-        full = ft & fh & fw
         if RASTER:
             fk_last = ((kt0 + (1 << LOG_KT) - 1) * HK + kh0 + (1 << LOG_KH) - 1) * WK + kw0 + (1 << LOG_KW) - 1
             full = full & (fk_last <= fq0).to(tl.int32)
@@ -173,15 +143,10 @@ def nearby_bwd_dkdv_kernel(
     HEADS_KV = HEADS // GROUP
     i_b = i_bh // HEADS_KV
     i_nk = i_bh % HEADS_KV
-    pw = i_m % NB_W
-    ph = (i_m // NB_W) % NB_H
-    pt = i_m // (NB_W * NB_H)
-    kt0 = pt << LOG_BT
-    kh0 = ph << LOG_BH
-    kw0 = pw << LOG_BW
+    pt, ph, pw, kt0, kh0, kw0 = program_brick(i_m, NB_H, NB_W, LOG_BT, LOG_BH, LOG_BW)
     o_c = tl.arange(0, BLOCK_N)
     kt, kh, kw = brick_coords(o_c, kt0, kh0, kw0, LOG_BH, LOG_BW)
-    m_k = (kt < TK) & (kh < HK) & (kw < WK)
+    m_k = in_grid(kt, kh, kw, TK, HK, WK)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     m_kd = m_k[:, None] & m_d[None, :]
@@ -201,21 +166,8 @@ def nearby_bwd_dkdv_kernel(
     fk = (kt * HK + kh) * WK + kw
     fk_last = ((kt0 + (1 << LOG_BT) - 1) * HK + kh0 + (1 << LOG_BH) - 1) * WK + kw0 + (1 << LOG_BW) - 1
 
-    off_lt = NB_T
-    off_ch = NB_T * (1 + MAX_T)
-    off_lh = off_ch + NB_H
-    off_cw = off_lh + NB_H * MAX_H
-    off_lw = off_cw + NB_W
-    ct = tl.load(TILES + pt)
-    ch = tl.load(TILES + off_ch + ph)
-    cw = tl.load(TILES + off_cw + pw)
-    chw = ch * cw
-    if RASTER:
-        j_begin = tl.load(BOUNDS + 2 * i_m)
-        j_end = tl.load(BOUNDS + 2 * i_m + 1)
-    else:
-        j_begin = 0
-        j_end = ct * chw
+    off_lt, off_lh, off_lw, cw, chw, j_begin, j_end = tile_lists(
+        TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER)
 
     o_r = tl.arange(0, BLOCK_M)
     ort, orh, orw = brick_coords(o_r, 0, 0, 0, LOG_KH, LOG_KW)
@@ -229,16 +181,9 @@ def nearby_bwd_dkdv_kernel(
         l_base = LSE + i_b * slb + i_n * sln
         dl_base = DELTA + i_b * sdlb + i_n * sdln
         for j in range(j_begin, j_end):
-            jt = j // chw
-            jh = (j - jt * chw) // cw
-            jw = j - jt * chw - jh * cw
-            qt0, ft = tile_entry(TILES, off_lt, pt, MAX_T, jt)
-            qh0, fh = tile_entry(TILES, off_lh, ph, MAX_H, jh)
-            qw0, fw = tile_entry(TILES, off_lw, pw, MAX_W, jw)
-            qt = qt0 + ort
-            qh = qh0 + orh
-            qw = qw0 + orw
-            m_q = (qt < T) & (qh < H) & (qw < W)
+            qt0, qh0, qw0, qt, qh, qw, full = tile_coords(
+                TILES, j, off_lt, off_lh, off_lw, cw, chw, pt, ph, pw, MAX_T, MAX_H, MAX_W, ort, orh, orw)
+            m_q = in_grid(qt, qh, qw, T, H, W)
             m_qd = m_q[:, None] & m_d[None, :]
             qt64 = qt.to(tl.int64)
             qh64 = qh.to(tl.int64)
@@ -256,16 +201,10 @@ def nearby_bwd_dkdv_kernel(
             # [BLOCK_M, BLOCK_N]
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
             b_p = tl.exp2(b_s - b_lse2[:, None])
-            full = ft & fh & fw
             if RASTER:
                 full = full & (fk_last <= (qt0 * H + qh0) * W + qw0).to(tl.int32)
             if full == 0:
-                lt = tl.load(WIN + qt, mask=m_q, other=TK)
-                ht = tl.load(WIN + T + qt, mask=m_q, other=-1)
-                lh = tl.load(WIN + 2 * T + qh, mask=m_q, other=HK)
-                hh = tl.load(WIN + 2 * T + H + qh, mask=m_q, other=-1)
-                lw = tl.load(WIN + 2 * T + 2 * H + qw, mask=m_q, other=WK)
-                hw = tl.load(WIN + 2 * T + 2 * H + W + qw, mask=m_q, other=-1)
+                lt, ht, lh, hh, lw, hw = row_windows(WIN, qt, qh, qw, m_q, T, H, W, TK, HK, WK)
                 allowed = window_mask(qt, qh, qw, lt, ht, lh, hh, lw, hw, kt, kh, kw)
                 if RASTER:
                     fq = (qt * H + qh) * W + qw

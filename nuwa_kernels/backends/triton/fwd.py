@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 
 from ._common import LOG2E, autotune_configs, dot_precision, triton, tl, upcast_tiles
-from ._common import brick_coords, tile_entry, window_mask  # noqa: F401  (jit helpers)
+from ._common import (  # noqa: F401  (jit helpers)
+    brick_coords, in_grid, offsets64, program_brick, program_head, row_windows, tile_coords, tile_lists,
+    window_mask,
+)
 from .plan import AttentionPlan
 
 # Runtime ints that must not be specialised on their value (1 / multiples of 16): they only feed
@@ -40,19 +43,12 @@ def nearby_fwd_kernel(
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // HEADS
-    i_n = i_bh % HEADS
-    i_nk = i_n // GROUP
+    i_b, i_n, i_nk = program_head(i_bh, HEADS, GROUP)
     # brick (pt, ph, pw) of the query grid
-    pw = i_m % NB_W
-    ph = (i_m // NB_W) % NB_H
-    pt = i_m // (NB_W * NB_H)
-    t0 = pt << LOG_BT
-    h0 = ph << LOG_BH
-    w0 = pw << LOG_BW
+    pt, ph, pw, t0, h0, w0 = program_brick(i_m, NB_H, NB_W, LOG_BT, LOG_BH, LOG_BW)
     o_r = tl.arange(0, BLOCK_M)
     qt, qh, qw = brick_coords(o_r, t0, h0, w0, LOG_BH, LOG_BW)
-    m_q = (qt < T) & (qh < H) & (qw < W)
+    m_q = in_grid(qt, qh, qw, T, H, W)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
 
@@ -64,31 +60,13 @@ def nearby_fwd_kernel(
         b_q = b_q.to(tl.float32)
 
     # per-row windows (rows outside the grid see nothing)
-    lt = tl.load(WIN + qt, mask=m_q, other=TK)
-    ht = tl.load(WIN + T + qt, mask=m_q, other=-1)
-    lh = tl.load(WIN + 2 * T + qh, mask=m_q, other=HK)
-    hh = tl.load(WIN + 2 * T + H + qh, mask=m_q, other=-1)
-    lw = tl.load(WIN + 2 * T + 2 * H + qw, mask=m_q, other=WK)
-    hw = tl.load(WIN + 2 * T + 2 * H + W + qw, mask=m_q, other=-1)
+    lt, ht, lh, hh, lw, hw = row_windows(WIN, qt, qh, qw, m_q, T, H, W, TK, HK, WK)
     fq = (qt * H + qh) * W + qw
     fq0 = (t0 * H + h0) * W + w0
 
     # tile lists of this brick
-    off_lt = NB_T
-    off_ch = NB_T * (1 + MAX_T)
-    off_lh = off_ch + NB_H
-    off_cw = off_lh + NB_H * MAX_H
-    off_lw = off_cw + NB_W
-    ct = tl.load(TILES + pt)
-    ch = tl.load(TILES + off_ch + ph)
-    cw = tl.load(TILES + off_cw + pw)
-    chw = ch * cw
-    if RASTER:
-        j_begin = tl.load(BOUNDS + 2 * i_m)
-        j_end = tl.load(BOUNDS + 2 * i_m + 1)
-    else:
-        j_begin = 0
-        j_end = ct * chw
+    off_lt, off_lh, off_lw, cw, chw, j_begin, j_end = tile_lists(
+        TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER)
 
     o_c = tl.arange(0, BLOCK_N)
     ot, oh, ow = brick_coords(o_c, 0, 0, 0, LOG_KH, LOG_KW)
@@ -99,21 +77,14 @@ def nearby_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j in range(j_begin, j_end):
-        jt = j // chw
-        jh = (j - jt * chw) // cw
-        jw = j - jt * chw - jh * cw
-        kt0, ft = tile_entry(TILES, off_lt, pt, MAX_T, jt)
-        kh0, fh = tile_entry(TILES, off_lh, ph, MAX_H, jh)
-        kw0, fw = tile_entry(TILES, off_lw, pw, MAX_W, jw)
-        kt = kt0 + ot
-        kh = kh0 + oh
-        kw = kw0 + ow
-        m_k = (kt < TK) & (kh < HK) & (kw < WK)
-        koff = kt.to(tl.int64) * skt + kh.to(tl.int64) * skh + kw.to(tl.int64) * skw
+        kt0, kh0, kw0, kt, kh, kw, full = tile_coords(
+            TILES, j, off_lt, off_lh, off_lw, cw, chw, pt, ph, pw, MAX_T, MAX_H, MAX_W, ot, oh, ow)
+        m_k = in_grid(kt, kh, kw, TK, HK, WK)
+        koff = offsets64(kt, kh, kw, skt, skh, skw)
         # [BLOCK_D, BLOCK_N]
         b_kT = tl.load(k_base + koff[None, :] + o_d.to(tl.int64)[:, None] * skd,
                        mask=m_k[None, :] & m_d[:, None], other=0.0)
-        voff = kt.to(tl.int64) * svt + kh.to(tl.int64) * svh + kw.to(tl.int64) * svw
+        voff = offsets64(kt, kh, kw, svt, svh, svw)
         # [BLOCK_N, BLOCK_D]
         b_v = tl.load(v_base + voff[:, None] + o_d.to(tl.int64)[None, :] * svd,
                       mask=m_k[:, None] & m_d[None, :], other=0.0)
@@ -122,7 +93,6 @@ def nearby_fwd_kernel(
             b_v = b_v.to(tl.float32)
         # [BLOCK_M, BLOCK_N], in log2 units
         b_s = tl.dot(b_q, b_kT, input_precision=PRECISION) * scale_log2
-        full = ft & fh & fw
         if RASTER:
             fk_last = ((kt0 + (1 << LOG_KT) - 1) * HK + kh0 + (1 << LOG_KH) - 1) * WK + kw0 + (1 << LOG_KW) - 1
             full = full & (fk_last <= fq0).to(tl.int32)
