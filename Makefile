@@ -2,6 +2,7 @@
 #               make test   (set up + the test suite)
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+AOT_ARGS ?= --quick
 
 .PHONY: setup bench bench-full test test-gpu check-cuda check-triton clean
 
@@ -21,7 +22,7 @@ check-cuda:
 	bash scripts/check_cuda_compile.sh
 
 check-triton: setup
-	$(PY) scripts/triton_aot_check.py
+	$(PY) scripts/triton_aot_check.py $(AOT_ARGS)
 
 clean:
 	rm -rf build *.egg-info nuwa_kernels/*.so .pytest_cache
