@@ -7,8 +7,10 @@
 //   row is shared by the whole row, so a block of neighbouring queries of one row walks the key rows
 //   (kt, kh) of that window together; on each key row query w sees a contiguous w-segment of keys (its
 //   w window, cut at flat(key) <= flat(query) under raster causality; key rows past the query are
-//   empty). The union of the block's segments is packed once (that head's slice, converted to the
-//   accumulation type) and reused by the ~k queries that share each key.
+//   empty; the walk stops at the first row past the block's last query). The union of the block's
+//   segments is packed once (that head's slice, converted to the accumulation type) and reused by the
+//   ~k queries that share each key; the forward reads the rows in place instead when the inputs are
+//   already unit-stride in the accumulation type (float32, float64).
 // * Forward: two passes over the key rows: scores of each query's whole window (then one softmax per
 //   query, vectorised exp), then out = P V. Accumulation in float32 (float32/float16/bfloat16 inputs)
 //   or float64 (float64 inputs).
@@ -173,53 +175,68 @@ inline void hsum4(const Vec<A>& v0, const Vec<A>& v1, const Vec<A>& v2, const Ve
   out[3] = hsum<A>(v3);
 }
 
-// out[j] = a . X[j] for the n contiguous rows X[j] = X + j * D (a: contiguous, length D). Keys are
-// taken four at a time: each lane block of `a` is loaded once for the four, and the four lane
-// reductions share one transposing reduction (hsum4).
-template <typename A>
-inline void dot_rows(A* __restrict out, const A* __restrict a, const A* __restrict X, int64_t n, int64_t D) {
+// M (1 to 4) dot products out[m] = a . x_m (a, x_m: contiguous, length D), each lane block of `a` loaded
+// once for all M and the lane reductions shared (hsum4; unused slots alias x_0 and are dropped).
+template <int M, typename A>
+__attribute__((always_inline)) inline void dot_block(A* __restrict out, const A* __restrict a, const A* __restrict x0,
+                                                     const A* __restrict x1, const A* __restrict x2,
+                                                     const A* __restrict x3, int64_t D) {
   constexpr int L = kLanes<A>;
   const int64_t Dm = D - D % L;
+  Vec<A> p0 = {}, p1 = {}, p2 = {}, p3 = {};
+  for (int64_t d = 0; d < Dm; d += L) {
+    const Vec<A> ad = vload<true, A>(a + d, 1);
+    p0 += ad * vload<true, A>(x0 + d, 1);
+    if constexpr (M > 1) p1 += ad * vload<true, A>(x1 + d, 1);
+    if constexpr (M > 2) p2 += ad * vload<true, A>(x2 + d, 1);
+    if constexpr (M > 3) p3 += ad * vload<true, A>(x3 + d, 1);
+  }
+  A r[4];
+  hsum4<A>(p0, p1, p2, p3, r);
+  for (int64_t d = Dm; d < D; ++d) {
+    r[0] += a[d] * x0[d];
+    if constexpr (M > 1) r[1] += a[d] * x1[d];
+    if constexpr (M > 2) r[2] += a[d] * x2[d];
+    if constexpr (M > 3) r[3] += a[d] * x3[d];
+  }
+  for (int m = 0; m < M; ++m) out[m] = r[m];
+}
+
+// out[j] = a . X[j] for the n rows X[j] = X + j * xs (contiguous, xs = D unless given; a: length D). Keys are
+// taken four at a time (the tail: one to three, without work on absent rows): each lane block of `a`
+// is loaded once for the group, and the lane reductions share one transposing reduction (hsum4).
+template <typename A>
+inline void dot_rows(A* __restrict out, const A* __restrict a, const A* __restrict X, int64_t n, int64_t D,
+                     int64_t xs = -1) {
+  if (xs < 0) xs = D;
   int64_t j = 0;
-  for (; j < n; j += 4) {
-    const int64_t m = std::min<int64_t>(4, n - j);
-    // rows past the segment (m < 4) alias the last row; their sums are dropped
-    const A* x0 = X + j * D;
-    const A* x1 = X + (j + std::min<int64_t>(1, m - 1)) * D;
-    const A* x2 = X + (j + std::min<int64_t>(2, m - 1)) * D;
-    const A* x3 = X + (j + std::min<int64_t>(3, m - 1)) * D;
-    Vec<A> p0 = {}, p1 = {}, p2 = {}, p3 = {};
-    for (int64_t d = 0; d < Dm; d += L) {
-      const Vec<A> ad = vload<true, A>(a + d, 1);
-      p0 += ad * vload<true, A>(x0 + d, 1);
-      p1 += ad * vload<true, A>(x1 + d, 1);
-      p2 += ad * vload<true, A>(x2 + d, 1);
-      p3 += ad * vload<true, A>(x3 + d, 1);
-    }
-    A r[4];
-    hsum4<A>(p0, p1, p2, p3, r);
-    for (int64_t d = Dm; d < D; ++d) {
-      r[0] += a[d] * x0[d];
-      r[1] += a[d] * x1[d];
-      r[2] += a[d] * x2[d];
-      r[3] += a[d] * x3[d];
-    }
-    for (int64_t mm = 0; mm < m; ++mm) out[j + mm] = r[mm];
+  for (; j + 4 <= n; j += 4) {
+    const A* x = X + j * xs;
+    dot_block<4, A>(out + j, a, x, x + xs, x + 2 * xs, x + 3 * xs, D);
+  }
+  const A* x = X + j * xs;
+  switch (n - j) {
+    case 3: dot_block<3, A>(out + j, a, x, x + xs, x + 2 * xs, x, D); break;
+    case 2: dot_block<2, A>(out + j, a, x, x + xs, x, x, D); break;
+    case 1: dot_block<1, A>(out + j, a, x, x, x, x, D); break;
+    default: break;
   }
 }
 
-// acc[d] += sum_j c[j] * X[j * D + d] for d < D (X: n contiguous rows of length D). Four lane blocks
+// acc[d] += sum_j c[j] * X[j * xs + d] for d < D (X: n rows of length D, xs = D unless given). Four lane blocks
 // of D are accumulated side by side so that the FMA chains over j run in parallel.
 template <typename A>
-inline void axpy_rows(A* __restrict acc, const A* __restrict c, const A* __restrict X, int64_t n, int64_t D) {
+inline void axpy_rows(A* __restrict acc, const A* __restrict c, const A* __restrict X, int64_t n, int64_t D,
+                      int64_t xs = -1) {
   constexpr int L = kLanes<A>;
+  if (xs < 0) xs = D;
   int64_t d = 0;
   for (; d + 4 * L <= D; d += 4 * L) {
     Vec<A> a0 = vload<true, A>(acc + d, 1), a1 = vload<true, A>(acc + d + L, 1);
     Vec<A> a2 = vload<true, A>(acc + d + 2 * L, 1), a3 = vload<true, A>(acc + d + 3 * L, 1);
     for (int64_t j = 0; j < n; ++j) {
       const A cj = c[j];
-      const A* x = X + j * D + d;
+      const A* x = X + j * xs + d;
       a0 += cj * vload<true, A>(x, 1);
       a1 += cj * vload<true, A>(x + L, 1);
       a2 += cj * vload<true, A>(x + 2 * L, 1);
@@ -234,16 +251,16 @@ inline void axpy_rows(A* __restrict acc, const A* __restrict c, const A* __restr
     Vec<A> a0 = vload<true, A>(acc + d, 1), a1 = {};
     int64_t j = 0;
     for (; j + 2 <= n; j += 2) {
-      a0 += c[j] * vload<true, A>(X + j * D + d, 1);
-      a1 += c[j + 1] * vload<true, A>(X + (j + 1) * D + d, 1);
+      a0 += c[j] * vload<true, A>(X + j * xs + d, 1);
+      a1 += c[j + 1] * vload<true, A>(X + (j + 1) * xs + d, 1);
     }
-    if (j < n) a0 += c[j] * vload<true, A>(X + j * D + d, 1);
+    if (j < n) a0 += c[j] * vload<true, A>(X + j * xs + d, 1);
     a0 += a1;
     std::memcpy(acc + d, &a0, sizeof(a0));
   }
   for (; d < D; ++d) {
     A a = acc[d];
-    for (int64_t j = 0; j < n; ++j) a += c[j] * X[j * D + d];
+    for (int64_t j = 0; j < n; ++j) a += c[j] * X[j * xs + d];
     acc[d] = a;
   }
 }
@@ -522,6 +539,13 @@ struct BlockSegments {
     query_segments(pr, false, flat_row_q, w0, nb, 0, base_lo, base_n, &base_ulo, &base_uhi);
   }
 
+  // Whether raster causality empties key row (kt, kh) and every later row of the raster walk for the
+  // whole block: its first candidate key (column base_ulo) is past the block's last query.
+  bool past(int64_t kt, int64_t kh) const {
+    const int64_t flat_row_k = (kt * pr.p.k_len[1] + kh) * pr.p.k_len[2];
+    return pr.p.raster && flat_row_k + base_ulo > flat_row_q + w0 + nb - 1;
+  }
+
   // Segments on key row (kt, kh): sets *lo, *n (arrays of nb) and the union [*ulo, *uhi].
   void row(int64_t kt, int64_t kh, const int64_t** lo, const int64_t** n, int64_t* ulo, int64_t* uhi) {
     const int64_t flat_row_k = (kt * pr.p.k_len[1] + kh) * pr.p.k_len[2];
@@ -593,10 +617,13 @@ struct KeyRowSegs {
 };
 
 // body(KeyRowSegs) for every key row of the window [wt] x [wh] on which the block has keys, in order.
+// Under raster causality the walk stops at the first row past the block (BlockSegments::past), and
+// that row is not announced as the next one (nothing to prefetch there).
 template <typename Body>
 inline void for_each_key_row(const Interval& wt, const Interval& wh, BlockSegments& segs, const Body& body) {
   for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
     for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
+      if (segs.past(kt, kh)) return;
       KeyRowSegs r;
       int64_t uhi;
       segs.row(kt, kh, &r.lo, &r.n, &r.ulo, &uhi);
@@ -604,7 +631,7 @@ inline void for_each_key_row(const Interval& wt, const Interval& wh, BlockSegmen
       r.kt = kt;
       r.kh = kh;
       r.nk = uhi - r.ulo + 1;
-      r.has_next = next_key_row(wt, wh, kt, kh, &r.next_kt, &r.next_kh);
+      r.has_next = next_key_row(wt, wh, kt, kh, &r.next_kt, &r.next_kh) && !segs.past(r.next_kt, r.next_kh);
       body(static_cast<const KeyRowSegs&>(r));
     }
   }
@@ -654,6 +681,10 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
   const int64_t ntask = pr.B * heads * T * H;
   const int64_t scratch = Wb * (D + Dv + wpad + 1) + Wk * std::max(D, Dv);
   const double work = double(ntask) * W * pr.win_max * (D + Dv);
+  // Inputs already in the accumulation type with unit element stride: key and value rows are read in
+  // place (token stride apart) instead of being packed; a query's segment is a short sliding window
+  // of tokens, so the rows stay in L1 between neighbouring queries without the copy.
+  constexpr bool kDirect = kUnit && std::is_same<S, A>::value;
   parallel_tasks<A>(ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
     const QueryRow r = query_row(pr, task);
     A* Qb = sc.a.data();        // [Wb, D]    queries of the block
@@ -679,10 +710,17 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
           kh_.prefetch(kr.next_kt, kr.next_kh, kr.ulo, kr.nk);
         else  // pass 2 starts with the first value row
           vh.prefetch(wt.lo, wh.lo, kr.ulo, kr.nk);
-        kh_.template gather<kUnit>(Xp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        const A* Xr = Xp;
+        int64_t xs = D;
+        if (kDirect) {
+          Xr = reinterpret_cast<const A*>(kh_.at(kr.kt, kr.kh, kr.ulo));
+          xs = kh_.st.s[3];
+        } else {
+          kh_.template gather<kUnit>(Xp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        }
         for (int64_t i = 0; i < nb; ++i) {
           if (kr.n[i] == 0) continue;
-          dot_rows(Sb + i * wpad + cnt[i], Qb + i * D, Xp + (kr.lo[i] - kr.ulo) * D, kr.n[i], D);
+          dot_rows(Sb + i * wpad + cnt[i], Qb + i * D, Xr + (kr.lo[i] - kr.ulo) * xs, kr.n[i], D, xs);
           cnt[i] += kr.n[i];
         }
       });
@@ -707,10 +745,17 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
       std::fill(Ob, Ob + nb * Dv, A(0));
       for_each_key_row(wt, wh, segs, [&](const KeyRowSegs& kr) {
         if (kr.has_next) vh.prefetch(kr.next_kt, kr.next_kh, kr.ulo, kr.nk);
-        vh.template gather<kUnit>(Xp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        const A* Xr = Xp;
+        int64_t xs = Dv;
+        if (kDirect) {
+          Xr = reinterpret_cast<const A*>(vh.at(kr.kt, kr.kh, kr.ulo));
+          xs = vh.st.s[3];
+        } else {
+          vh.template gather<kUnit>(Xp, kr.kt, kr.kh, kr.ulo, kr.nk);
+        }
         for (int64_t i = 0; i < nb; ++i) {
           if (kr.n[i] == 0) continue;
-          axpy_rows(Ob + i * Dv, Sb + i * wpad + cnt[i], Xp + (kr.lo[i] - kr.ulo) * Dv, kr.n[i], Dv);
+          axpy_rows(Ob + i * Dv, Sb + i * wpad + cnt[i], Xr + (kr.lo[i] - kr.ulo) * xs, kr.n[i], Dv, xs);
           cnt[i] += kr.n[i];
         }
       });
