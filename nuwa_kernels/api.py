@@ -102,10 +102,15 @@ def _autocast(query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def _prepare(query, key, value, kernel_size, causal, border, scale, backend):
+def _validated_spec(query, key, value, kernel_size, causal, border) -> WindowSpec:
+    """Validate grid-layout inputs and the semantic arguments; return the normalised window spec."""
     _check_tensors(query, key, value, "grid")
     _check_shapes(query, key, value)
-    spec = make_window_spec(query.shape[1:4], key.shape[1:4], kernel_size, causal, border)
+    return make_window_spec(query.shape[1:4], key.shape[1:4], kernel_size, causal, border)
+
+
+def _prepare(query, key, value, kernel_size, causal, border, scale, backend):
+    spec = _validated_spec(query, key, value, kernel_size, causal, border)
     scale = _resolve_scale(scale, query.shape[-1])
     module = select_backend(backend, query, key, value, spec)
     return spec, scale, module
@@ -246,9 +251,7 @@ def can_run(
     border: str = "truncate",
 ) -> Tuple[bool, str]:
     """Whether ``backend`` can run this grid-layout call, and the reason when it cannot."""
-    _check_tensors(query, key, value, "grid")
-    _check_shapes(query, key, value)
-    spec: WindowSpec = make_window_spec(query.shape[1:4], key.shape[1:4], kernel_size, causal, border)
+    spec = _validated_spec(query, key, value, kernel_size, causal, border)
     return get_backend(backend).can_run(query, key, value, spec)
 
 

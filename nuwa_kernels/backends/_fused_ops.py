@@ -36,6 +36,16 @@ def ensure_registered() -> bool:
     return True
 
 
+def device_and_dtype_error(backend: str, device_type: str, supported, query, key, value) -> Optional[str]:
+    """Why ``backend`` (running on ``device_type`` for dtypes ``supported``) cannot take these tensors."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.device.type != device_type:
+            return f"{name} is on device {t.device}, the {backend} backend needs {device_type.upper()} tensors"
+    if query.dtype not in supported:
+        return f"unsupported dtype {query.dtype}; the {backend} backend supports {', '.join(str(d) for d in supported)}"
+    return None
+
+
 def fwd_op():
     """``torch.ops.nuwa_kernels.na3d_fwd.default`` (the extension must be loaded)."""
     return torch.ops.nuwa_kernels.na3d_fwd.default

@@ -25,15 +25,8 @@ def can_run(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tupl
     err = _fused_ops.load_error()
     if err is not None:
         return False, err
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.device.type != "cpu":
-            return False, f"{name} is on device {t.device}, the cpu backend needs CPU tensors"
-    if query.dtype not in SUPPORTED_DTYPES:
-        return False, (
-            f"unsupported dtype {query.dtype}; the cpu backend supports "
-            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-        )
-    return True, ""
+    err = _fused_ops.device_and_dtype_error(NAME, "cpu", SUPPORTED_DTYPES, query, key, value)
+    return (False, err) if err else (True, "")
 
 
 def forward(

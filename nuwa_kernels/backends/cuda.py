@@ -51,14 +51,9 @@ def can_run(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tupl
     err = kernels_error()
     if err is not None:
         return False, err
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if t.device.type != "cuda":
-            return False, f"{name} is on device {t.device}, the cuda backend needs CUDA tensors"
-    if query.dtype not in SUPPORTED_DTYPES:
-        return False, (
-            f"unsupported dtype {query.dtype}; the cuda backend supports "
-            f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}"
-        )
+    err = _fused_ops.device_and_dtype_error(NAME, "cuda", SUPPORTED_DTYPES, query, key, value)
+    if err:
+        return False, err
     d = query.shape[-1]
     if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % HEAD_DIM_MULTIPLE == 0):
         return False, (
@@ -76,5 +71,4 @@ def forward(
 ) -> Tuple[Tensor, Tensor]:
     """``(out, lse)``: ``out (B, T, H, W, heads, D)`` in the input dtype, ``lse (B, T, H, W, heads)`` in
     float32; differentiable with respect to ``query``, ``key`` and ``value``."""
-    _fused_ops.ensure_registered()
     return torch.ops.nuwa_kernels.na3d_fwd(query, key, value, *_ops.spec_op_args(spec), float(scale))
