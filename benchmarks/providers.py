@@ -97,6 +97,10 @@ class Provider:
         axial attention do not depend on the window), or ``None``. The runner measures once per key."""
         return None
 
+    def window_independent_key(self, case: Case, causal_key):
+        """:meth:`reuse_key` for a provider whose cost ignores the window (only ``causal_key`` matters)."""
+        return (self.name, case.grid, case.heads, case.head_dim, case.batch, case.dtype, causal_key, case.backward)
+
     def release(self) -> None:
         """Drop per-case state (masks, compiled blocks)."""
 
@@ -282,16 +286,7 @@ class FullSDPA(Provider):
         return full_pairs(case.tokens, case.causal)
 
     def reuse_key(self, case):
-        return (
-            self.name,
-            case.grid,
-            case.heads,
-            case.head_dim,
-            case.batch,
-            case.dtype,
-            case.causal is not False,
-            case.backward,
-        )
+        return self.window_independent_key(case, case.causal is not False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,16 +342,7 @@ class Axial(Provider):
         return axial_pairs(case.grid, case.causal)
 
     def reuse_key(self, case):
-        return (
-            self.name,
-            case.grid,
-            case.heads,
-            case.head_dim,
-            case.batch,
-            case.dtype,
-            case.causal,
-            case.backward,
-        )
+        return self.window_independent_key(case, case.causal)
 
 
 # ----------------------------------------------------------------------------------------------
