@@ -48,7 +48,7 @@
 #include <immintrin.h>
 #endif
 
-#include "window.h"
+#include "window_args.h"
 
 // 64-byte vector types in internal functions: the ABI note GCC prints without AVX-512 does not apply.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -405,14 +405,7 @@ Problem make_problem(const at::Tensor& query, const at::Tensor& key, const at::T
                      at::IntArrayRef kernel_size, const c10::List<bool>& causal_axes, bool raster, bool shift,
                      double scale) {
   Problem pr;
-  for (int i = 0; i < 3; ++i) {
-    pr.p.q_len[i] = query.size(1 + i);
-    pr.p.k_len[i] = key.size(1 + i);
-    pr.p.kernel[i] = kernel_size[i];
-    pr.p.causal[i] = causal_axes.get(i);
-  }
-  pr.p.raster = raster;
-  pr.p.shift = shift;
+  pr.p = nuwa::window_params(query, key, kernel_size, causal_axes, raster, shift);
   pr.B = query.size(0);
   pr.heads = query.size(4);
   pr.heads_kv = key.size(4);

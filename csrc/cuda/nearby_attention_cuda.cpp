@@ -16,6 +16,7 @@
 
 #include <tuple>
 
+#include "../window_args.h"
 #include "nearby_attention_kernels.cuh"
 
 namespace nuwa {
@@ -98,14 +99,7 @@ Na3dProblem make_problem(const Tensor& query, const Tensor& key, const Tensor& v
               ") must equal D (", query.size(5), ")");
 
   Na3dProblem pr{};
-  for (int a = 0; a < 3; ++a) {
-    pr.win.q_len[a] = query.size(1 + a);
-    pr.win.k_len[a] = key.size(1 + a);
-    pr.win.kernel[a] = kernel_size[a];
-    pr.win.causal[a] = causal_axes.get(a);
-  }
-  pr.win.raster = raster_causal;
-  pr.win.shift = shift_border;
+  pr.win = nuwa::window_params(query, key, kernel_size, causal_axes, raster_causal, shift_border);
   pr.batch = query.size(0);
   pr.heads = query.size(4);
   pr.heads_kv = key.size(4);
