@@ -36,22 +36,39 @@ PyObject* PyInit__C(void) {
 namespace nuwa {
 namespace {
 
-// (lo, hi) of every query coordinate, shape (q_len, 2), and (first, last) of every key coordinate,
-// shape (k_len, 2): the one-axis tables of window.h's axis_window / axis_inverse_window.
-std::tuple<at::Tensor, at::Tensor> window_table(int64_t q_len, int64_t k_len, int64_t k, bool causal, bool shift) {
+// (lo, hi) of every local query coordinate, shape (q_len, 2), and (first, last) of every local key
+// coordinate, shape (k_len, 2): one axis of window.h's window_on_axis / inverse_window_on_axis, for
+// a stride and an optional slab [q_origin, k_origin, q_full, k_full] of that axis.
+std::tuple<at::Tensor, at::Tensor> window_table(int64_t q_len, int64_t k_len, int64_t k, bool causal, bool shift,
+                                                int64_t stride, at::IntArrayRef slab) {
   TORCH_CHECK(q_len >= 0 && k_len >= 0, "window_table: q_len and k_len must be >= 0, got ", q_len, " and ", k_len);
-  TORCH_CHECK(k >= 1, "window_table: k must be a positive int, got ", k);
+  TORCH_CHECK(k >= 1 && stride >= 1, "window_table: k and stride must be positive ints, got ", k, " and ", stride);
+  TORCH_CHECK(slab.empty() || slab.size() == 4, "window_table: slab needs 0 or 4 entries");
+  WindowParams p{};
+  for (int a = 0; a < 3; ++a) {
+    p.q_len[a] = p.k_len[a] = p.q_full[a] = p.k_full[a] = p.kernel[a] = p.stride[a] = 1;
+  }
+  p.q_len[0] = q_len;
+  p.k_len[0] = k_len;
+  p.kernel[0] = k;
+  p.stride[0] = stride;
+  p.causal[0] = causal;
+  p.shift = shift;
+  p.q_org[0] = slab.empty() ? 0 : slab[0];
+  p.k_org[0] = slab.empty() ? 0 : slab[1];
+  p.q_full[0] = slab.empty() ? q_len : slab[2];
+  p.k_full[0] = slab.empty() ? k_len : slab[3];
   at::Tensor win = at::empty({q_len, 2}, at::TensorOptions().dtype(at::kLong));
   at::Tensor inv = at::empty({k_len, 2}, at::TensorOptions().dtype(at::kLong));
   int64_t* wp = win.data_ptr<int64_t>();
   int64_t* ip = inv.data_ptr<int64_t>();
   for (int64_t i = 0; i < q_len; ++i) {
-    const Interval iv = axis_window(i, q_len, k_len, k, causal, shift);
+    const Interval iv = window_on_axis(p, 0, i);
     wp[2 * i] = iv.lo;
     wp[2 * i + 1] = iv.hi;
   }
   for (int64_t j = 0; j < k_len; ++j) {
-    const Interval iv = axis_inverse_window(j, q_len, k_len, k, causal, shift);
+    const Interval iv = inverse_window_on_axis(p, 0, j);
     ip[2 * j] = iv.lo;
     ip[2 * j + 1] = iv.hi;
   }
@@ -64,12 +81,15 @@ std::tuple<at::Tensor, at::Tensor> window_table(int64_t q_len, int64_t k_len, in
 TORCH_LIBRARY(nuwa_kernels, m) {
   m.def(
       "na3d_fwd(Tensor query, Tensor key, Tensor value, int[] kernel_size, bool[] causal_axes, "
-      "bool raster_causal, bool shift_border, float scale) -> (Tensor, Tensor)");
+      "bool raster_causal, bool shift_border, int[] stride, int[] slab, float scale) -> (Tensor, Tensor)");
   m.def(
       "na3d_bwd(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor delta, "
-      "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, float scale) "
+      "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, int[] stride, int[] slab, "
+      "float scale) "
       "-> (Tensor, Tensor, Tensor)");
   // No tensor arguments: registered as a catch-all kernel.
-  m.def("window_table(int q_len, int k_len, int k, bool causal, bool shift) -> (Tensor window, Tensor inverse)",
+  m.def(
+      "window_table(int q_len, int k_len, int k, bool causal, bool shift, int stride=1, int[] slab=[]) -> "
+      "(Tensor window, Tensor inverse)",
         &nuwa::window_table);
 }

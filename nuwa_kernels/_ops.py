@@ -20,15 +20,17 @@ from typing import Callable, Sequence, Tuple
 import torch
 from torch import Tensor
 
+# stride: (st, sh, sw); slab: [] or q_origin(3), k_origin(3), q_full(3), k_full(3) (window.Slab).
 FWD_SCHEMA = (
     "(Tensor query, Tensor key, Tensor value, int[] kernel_size, bool[] causal_axes, "
-    "bool raster_causal, bool shift_border, float scale) -> (Tensor, Tensor)"
+    "bool raster_causal, bool shift_border, int[] stride, int[] slab, float scale) -> (Tensor, Tensor)"
 )
 BWD_SCHEMA = (
     "(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor delta, "
-    "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, float scale) "
-    "-> (Tensor, Tensor, Tensor)"
+    "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, int[] stride, int[] slab, "
+    "float scale) -> (Tensor, Tensor, Tensor)"
 )
+N_WINDOW_ARGS = 6  # kernel_size, causal_axes, raster_causal, shift_border, stride, slab
 
 FwdFn = Callable[..., Tuple[Tensor, Tensor]]
 BwdFn = Callable[..., Tuple[Tensor, Tensor, Tensor]]
@@ -39,13 +41,13 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_fwd(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale):
+def _fake_fwd(query, key, value, *window_args_and_scale):
     out = query.new_empty((*query.shape[:-1], value.shape[-1]))
     lse = query.new_empty(query.shape[:-1], dtype=accum_dtype(query.dtype))
     return out, lse
 
 
-def _fake_bwd(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster_causal, shift_border, scale):
+def _fake_bwd(grad_out, query, key, value, lse, delta, *window_args_and_scale):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
@@ -55,19 +57,26 @@ def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
     The backward is FlashAttention-style: ``delta = rowsum(dO * O) - dLSE`` is formed here (so a loss
     on the returned LSE is differentiated correctly) and the backend's ``bwd`` op recomputes the
     probabilities from the LSE.
+
+    Second order (``create_graph=True``, e.g. gradient penalties): the fused ``bwd`` ops are not
+    themselves differentiable, so under grad mode the backward is instead computed by differentiating a
+    pure-PyTorch recomputation of the op (:func:`nuwa_kernels.backends.reference.differentiable_forward`),
+    which makes double backward exact on every backend (at reference speed and memory).
     """
     torch.library.register_fake(fwd_name)(_fake_fwd)
     torch.library.register_fake(bwd_name)(_fake_bwd)
     bwd_op = _resolve(bwd_name)
 
     def setup_context(ctx, inputs, output):
-        query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale = inputs
+        query, key, value = inputs[:3]
         out, lse = output
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.args = (list(kernel_size), list(causal_axes), raster_causal, shift_border, scale)
+        ctx.args = tuple(list(a) if isinstance(a, (list, tuple)) else a for a in inputs[3:])
 
     def backward(ctx, grad_out, grad_lse):
         query, key, value, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation (exact 2nd order)
+            return (*_differentiable_backward(query, key, value, grad_out, grad_lse, ctx.args),) + (None,) * len(ctx.args)
         acc = lse.dtype
         if grad_out is None:
             grad_out = torch.zeros_like(out)
@@ -75,9 +84,25 @@ def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
         if grad_lse is not None:
             delta = delta - grad_lse.to(acc)
         dq, dk, dv = bwd_op(grad_out, query, key, value, lse, delta, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return (dq, dk, dv) + (None,) * len(ctx.args)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def _differentiable_backward(query, key, value, grad_out, grad_lse, args):
+    """``(dq, dk, dv)`` as a differentiable function of the inputs and the incoming gradients."""
+    from .backends.reference import differentiable_forward
+
+    inputs = [t for t in (query, key, value)]
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        out, lse = differentiable_forward(*leaves, *args)
+        outs, grads = [], []
+        for o, g in ((out, grad_out), (lse, grad_lse)):
+            if g is not None:
+                outs.append(o)
+                grads.append(g)
+        return torch.autograd.grad(outs, leaves, grads, create_graph=True, allow_unused=True)
 
 
 def _resolve(name: str):
@@ -96,5 +121,7 @@ def define_python_ops(prefix: str, fwd_impl: FwdFn, bwd_impl: BwdFn, device_type
 
 
 def spec_op_args(spec) -> tuple:
-    """The non-tensor op arguments of a :class:`~nuwa_kernels.window.WindowSpec`."""
-    return (list(spec.kernel_size), list(spec.causal_axes), spec.raster_causal, spec.shift_border)
+    """The window arguments of the ops (all but the tensors and ``scale``) from a
+    :class:`~nuwa_kernels.window.WindowSpec`."""
+    return (list(spec.kernel_size), list(spec.causal_axes), spec.raster_causal, spec.shift_border,
+            list(spec.stride), spec.slab_args())

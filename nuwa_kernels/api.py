@@ -6,6 +6,7 @@ semantic arguments into a :class:`~nuwa_kernels.window.WindowSpec`, picks a back
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -14,9 +15,26 @@ import torch
 from torch import Tensor
 
 from .backends import BACKEND_NAMES, get_backend, select_backend
-from .window import CausalArg, KernelSizeArg, WindowSpec, make_window_spec
+from .window import (
+    CausalArg,
+    IntTriple,
+    KernelSizeArg,
+    Slab,
+    WindowSpec,
+    dilation_groups,
+    _is_int,
+    make_window_spec,
+    normalize_dilation,
+)
 
-__all__ = ["nearby_attention", "nearby_sdpa", "can_run", "available_backends"]
+__all__ = [
+    "nearby_attention",
+    "nearby_sdpa",
+    "nearby_attention_slab",
+    "merge_attentions",
+    "can_run",
+    "available_backends",
+]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -102,29 +120,174 @@ def _autocast(query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def _validated_spec(query, key, value, kernel_size, causal, border) -> WindowSpec:
+def _validated_spec(query, key, value, kernel_size, causal, border, stride=1, slab=None) -> WindowSpec:
     """Validate grid-layout inputs and the semantic arguments; return the normalised window spec."""
     _check_tensors(query, key, value, "grid")
     _check_shapes(query, key, value)
-    return make_window_spec(query.shape[1:4], key.shape[1:4], kernel_size, causal, border)
+    return make_window_spec(query.shape[1:4], key.shape[1:4], kernel_size, causal, border, stride, slab)
 
 
-def _prepare(query, key, value, kernel_size, causal, border, scale, backend):
-    spec = _validated_spec(query, key, value, kernel_size, causal, border)
-    scale = _resolve_scale(scale, query.shape[-1])
-    module = select_backend(backend, query, key, value, spec)
-    return spec, scale, module
+def _check_slab(slab, query: Tensor, key: Tensor) -> Optional[Slab]:
+    if slab is None:
+        return None
+    if not isinstance(slab, Slab):
+        raise TypeError(f"slab must be a nuwa_kernels.window.Slab or None; got {type(slab).__name__}")
+    for name, origin, full, local in (("q", slab.q_origin, slab.q_full, query.shape[1:4]),
+                                      ("k", slab.k_origin, slab.k_full, key.shape[1:4])):
+        for a in range(3):
+            if not (0 <= origin[a] and origin[a] + local[a] <= full[a]):
+                raise ValueError(
+                    f"slab.{name}_origin {tuple(origin)} with the local grid {tuple(local)} must lie inside "
+                    f"slab.{name}_full {tuple(full)}"
+                )
+    return slab
 
 
-def _empty_result(query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor]:
+def _check_additional(additional_keys, additional_values, key: Tensor, value: Tensor) -> bool:
+    """Section 5a checks; ``True`` when there are additional keys to attend to."""
+    if additional_keys is None and additional_values is None:
+        return False
+    if additional_keys is None or additional_values is None:
+        missing = "additional_values" if additional_values is None else "additional_keys"
+        raise ValueError(f"additional_keys and additional_values go together; {missing} is missing")
+    for name, t, ref, doc in (("additional_keys", additional_keys, key, "(B, S, heads_kv, D)"),
+                              ("additional_values", additional_values, value, "(B, S, heads_kv, Dv)")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of shape {doc}; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dimensions {doc}; got shape {tuple(t.shape)}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} must have the dtype of key/value ({ref.dtype}); got {t.dtype}")
+        if t.device != ref.device:
+            raise ValueError(f"{name} must be on the device of key/value ({ref.device}); got {t.device}")
+        for dim, what in ((0, "batch size"), (2, "heads_kv"), (3, "head dim")):
+            if t.shape[dim] != ref.shape[{0: 0, 2: 4, 3: 5}[dim]]:
+                raise ValueError(
+                    f"{name} {what} must equal {'key' if ref is key else 'value'}'s "
+                    f"({ref.shape[{0: 0, 2: 4, 3: 5}[dim]]}); got {t.shape[dim]} (shape {tuple(t.shape)})"
+                )
+    if additional_keys.shape[1] != additional_values.shape[1]:
+        raise ValueError(
+            f"additional_values must hold as many tokens as additional_keys ({additional_keys.shape[1]}); got "
+            f"{additional_values.shape[1]}"
+        )
+    return additional_keys.shape[1] > 0
+
+
+def _empty_result(query: Tensor, key: Tensor, value: Tensor, *extra: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Outputs for empty inputs, still attached to the autograd graph (gradients are empty)."""
     from ._ops import accum_dtype
 
     out = query.new_zeros((*query.shape[:-1], value.shape[-1]))
-    lse = query.new_zeros(query.shape[:-1], dtype=accum_dtype(query.dtype))
-    if query.requires_grad or key.requires_grad or value.requires_grad:
-        out = out + (query.sum() + key.sum() + value.sum()) * 0
+    lse = query.new_full(query.shape[:-1], float("-inf"), dtype=accum_dtype(query.dtype))
+    inputs = [t for t in (query, key, value, *extra) if t is not None]
+    if any(t.requires_grad for t in inputs):
+        out = out + sum(t.sum() for t in inputs) * 0
     return out, lse
+
+
+def _run(module, query, key, value, spec: WindowSpec, scale: float, autocast_dev) -> Tuple[Tensor, Tensor]:
+    if autocast_dev is not None:
+        with torch.autocast(autocast_dev, enabled=False):
+            return module.forward(query, key, value, spec, scale)
+    return module.forward(query, key, value, spec, scale)
+
+
+def _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
+            additional_keys, additional_values, slab, autocast_dev) -> Tuple[Tensor, Tensor]:
+    """The op on grid-layout tensors: validation, dilation groups, additional keys; ``(out, lse)``."""
+    _check_tensors(query, key, value, "grid")
+    _check_shapes(query, key, value)
+    slab = _check_slab(slab, query, key)
+    spec = make_window_spec(query.shape[1:4], key.shape[1:4], kernel_size, causal, border, stride, slab)
+    dil = normalize_dilation(dilation, spec.q_full, spec.k_full)
+    extra = _check_additional(additional_keys, additional_values, key, value)
+    scale = _resolve_scale(scale, query.shape[-1])
+    module = select_backend(backend, query, key, value, spec)
+    if query.numel() == 0:
+        return _empty_result(query, key, value, additional_keys, additional_values)
+    if dil == (1, 1, 1):
+        out, lse = _run(module, query, key, value, spec, scale, autocast_dev)
+    else:
+        out, lse = _dilated(module, query, key, value, spec, dil, kernel_size, causal, border, stride, scale,
+                            autocast_dev)
+    if extra:
+        # Every query also sees the S additional tokens: full cross-attention to a (1, 1, S) grid on the
+        # same backend, merged exactly with the window result through the two LSEs (docs/DESIGN.md).
+        ak, av = additional_keys[:, None, None], additional_values[:, None, None]
+        xspec = make_window_spec(query.shape[1:4], ak.shape[1:4], None)
+        xmodule = select_backend(backend, query, ak, av, xspec)
+        xout, xlse = _run(xmodule, query, ak, av, xspec, scale, autocast_dev)
+        out, lse = merge_attentions([out, xout], [lse, xlse])
+    return out, lse
+
+
+def _dilated(module, query, key, value, spec: WindowSpec, dil, kernel_size, causal, border, stride, scale,
+             autocast_dev) -> Tuple[Tensor, Tensor]:
+    """Dilation (section 3a): every group of interleaved positions is an ordinary call on strided views
+    (the kernels take strides), its results written back into the interleaved output."""
+    from ._ops import accum_dtype
+
+    slab = spec.slab
+    q_org = slab.q_origin if slab is not None else (0, 0, 0)
+    k_org = slab.k_origin if slab is not None else (0, 0, 0)
+    groups_q = [dilation_groups(query.shape[1 + a], dil[a], q_org[a], spec.q_full[a]) for a in range(3)]
+    groups_k = [{g[0]: g for g in dilation_groups(key.shape[1 + a], dil[a], k_org[a], spec.k_full[a])}
+                for a in range(3)]
+    out = query.new_zeros((*query.shape[:-1], value.shape[-1]))
+    lse = query.new_full(query.shape[:-1], float("-inf"), dtype=accum_dtype(query.dtype))
+    for gt, gh, gw in itertools.product(*groups_q):
+        qg = (gt, gh, gw)
+        kg = tuple(groups_k[a].get(qg[a][0]) for a in range(3))
+        if any(x is None for x in kg):
+            continue  # this rank's key slab holds none of the group's keys
+        qs = tuple(slice(g[1], None, d) for g, d in zip(qg, dil))
+        ks = tuple(slice(g[1], None, d) for g, d in zip(kg, dil))
+        qv, kv, vv = query[(slice(None),) + qs], key[(slice(None),) + ks], value[(slice(None),) + ks]
+        sub = Slab(tuple(g[3] for g in qg), tuple(g[3] for g in kg), tuple(g[4] for g in qg), tuple(g[4] for g in kg))
+        trivial = sub.q_origin == sub.k_origin == (0, 0, 0) and sub.q_full == tuple(qv.shape[1:4]) and \
+            sub.k_full == tuple(kv.shape[1:4])
+        gspec = make_window_spec(qv.shape[1:4], kv.shape[1:4], kernel_size, causal, border, stride,
+                                 None if trivial else sub)
+        o, l = _run(module, qv, kv, vv, gspec, scale, autocast_dev)
+        out[(slice(None),) + qs] = o
+        lse[(slice(None),) + qs] = l
+    return out, lse
+
+
+def merge_attentions(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Merge attention results over disjoint key sets of the same queries into the result over their
+    union, exactly: ``lse = logsumexp_i lse_i``, ``out = sum_i exp(lse_i - lse) * out_i``.
+
+    Args:
+        outputs: ``out_i`` of shape ``(..., Dv)``, all the same shape and dtype.
+        lses: ``lse_i`` of shape ``(...)`` (natural log), ``-inf`` where a part saw no key.
+
+    Returns:
+        ``(out, lse)``: ``out`` in the dtype of ``outputs``, ``lse`` in float32 (float64 for float64
+        outputs). Differentiable with respect to every ``out_i`` and ``lse_i``.
+    """
+    from ._ops import accum_dtype
+
+    if not isinstance(outputs, (list, tuple)) or not isinstance(lses, (list, tuple)):
+        raise TypeError("merge_attentions takes a list of outputs and a list of lses")
+    if len(outputs) != len(lses) or not outputs:
+        raise ValueError(f"outputs and lses must be non-empty lists of the same length; got {len(outputs)} and {len(lses)}")
+    for i, (o, l) in enumerate(zip(outputs, lses)):
+        if not isinstance(o, Tensor) or not isinstance(l, Tensor):
+            raise TypeError(f"outputs[{i}] and lses[{i}] must be tensors")
+        if o.shape != outputs[0].shape or o.dtype != outputs[0].dtype:
+            raise ValueError(f"outputs[{i}] has shape {tuple(o.shape)} / {o.dtype}; expected "
+                             f"{tuple(outputs[0].shape)} / {outputs[0].dtype}")
+        if l.shape != o.shape[:-1]:
+            raise ValueError(f"lses[{i}] must have shape {tuple(o.shape[:-1])} (the output's without Dv); got {tuple(l.shape)}")
+    acc = accum_dtype(outputs[0].dtype)
+    stacked = torch.stack([l.to(acc) for l in lses])
+    lse = torch.logsumexp(stacked, 0)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # rows that saw no key stay 0, not NaN
+    weights = torch.exp(stacked - finite)
+    out = sum(w[..., None] * o.to(acc) for w, o in zip(weights, outputs))
+    return out.to(outputs[0].dtype), lse
 
 
 def nearby_attention(
@@ -137,6 +300,11 @@ def nearby_attention(
     scale: Optional[float] = None,
     return_lse: bool = False,
     backend: str = "auto",
+    *,
+    stride: IntTriple = 1,
+    dilation: IntTriple = 1,
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """3D nearby attention (NÜWA's 3DNA) on grid-layout tensors.
 
@@ -159,30 +327,78 @@ def nearby_attention(
         backend: ``"auto"`` (default), ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``. ``auto``
             picks the fastest backend that can run the call (override with ``NUWA_KERNELS_BACKEND``);
             an explicit backend that cannot run raises :class:`BackendUnavailableError` saying why.
+        stride: int or ``(st, sh, sw)``, default 1: blocks of ``s`` queries share the window of the
+            block's leader (``1 <= s <= k``; ``stride == kernel_size`` is blocked window attention).
+        dilation: int or ``(dt, dh, dw)``, default 1: a query sees only keys ``d`` apart, in its own group
+            of interleaved positions (needs equal query and key lengths on a dilated axis).
+        additional_keys, additional_values: ``(B, S, heads_kv, D)`` / ``(B, S, heads_kv, Dv)`` or ``None``:
+            ``S`` tokens every query also attends to (text, start or register tokens), in one softmax
+            with its window, unmasked; differentiable.
 
     Returns:
         ``out (B, T, H, W, heads, Dv)`` in the input dtype, and with ``return_lse`` also
         ``lse (B, T, H, W, heads)`` (natural log; float32, float64 for float64 inputs).
     """
     query, key, value, autocast_dev = _autocast(query, key, value)
+    additional_keys, additional_values = _autocast_extra(autocast_dev, additional_keys, additional_values)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
-    spec, scale, module = _prepare(query, key, value, kernel_size, causal, border, scale, backend)
-    if query.numel() == 0:
-        out, lse = _empty_result(query, key, value)
-    elif autocast_dev is not None:
-        with torch.autocast(autocast_dev, enabled=False):
-            out, lse = module.forward(query, key, value, spec, scale)
-    else:
-        out, lse = module.forward(query, key, value, spec, scale)
+    out, lse = _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
+                       additional_keys, additional_values, None, autocast_dev)
     return (out, lse) if return_lse else out
+
+
+def nearby_attention_slab(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    slab: Slab,
+    kernel_size: KernelSizeArg = 3,
+    causal: CausalArg = False,
+    border: str = "truncate",
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+    *,
+    stride: IntTriple = 1,
+    dilation: IntTriple = 1,
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """:func:`nearby_attention` of a slab of queries against a slab of keys of larger global grids
+    (context parallelism, tiled inference of grids too large for one call).
+
+    ``query`` is the part of the global query grid ``slab.q_full`` that starts at ``slab.q_origin``;
+    ``key``/``value`` the part of the global key grid ``slab.k_full`` that starts at ``slab.k_origin``.
+    The result equals those rows of :func:`nearby_attention` on the global tensors (windows, borders,
+    strides, dilation groups and raster order all follow the global grids) provided the key slab holds
+    every key the queries' windows reach (:func:`nuwa_kernels.window.needed_key_range`); keys outside
+    the slab are treated as absent. Other arguments as in :func:`nearby_attention`.
+    """
+    query, key, value, autocast_dev = _autocast(query, key, value)
+    additional_keys, additional_values = _autocast_extra(autocast_dev, additional_keys, additional_values)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    out, lse = _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
+                       additional_keys, additional_values, slab, autocast_dev)
+    return (out, lse) if return_lse else out
+
+
+def _autocast_extra(autocast_dev, *tensors):
+    if autocast_dev is None:
+        return tensors
+    target = torch.get_autocast_dtype(autocast_dev)
+    return tuple(t.to(target) if isinstance(t, Tensor) and t.dtype in _FLOAT_DTYPES[:3] else t for t in tensors)
 
 
 def _check_grid(name: str, grid, n: int) -> Tuple[int, int, int]:
     if not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 3:
         raise ValueError(f"{name} must be a 3-tuple (T, H, W); got {grid!r}")
-    if not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in grid):
+    if not all(_is_int(g) for g in grid):
         raise TypeError(f"{name} must hold non-negative ints (T, H, W); got {grid!r}")
+    grid = tuple(int(g) for g in grid)
+    if any(g < 0 for g in grid):
+        raise ValueError(f"{name} must hold non-negative ints (T, H, W); got {grid!r}")
     if math.prod(grid) != n:
         raise ValueError(f"{name} {tuple(grid)} must multiply to the sequence length {n}; got {math.prod(grid)}")
     return (grid[0], grid[1], grid[2])
@@ -199,6 +415,14 @@ def nearby_sdpa(
     border: str = "truncate",
     scale: Optional[float] = None,
     backend: str = "auto",
+    *,
+    stride: IntTriple = 1,
+    dilation: IntTriple = 1,
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    enable_gqa: bool = False,
 ) -> Tensor:
     """Nearby attention as a drop-in beside ``F.scaled_dot_product_attention``.
 
@@ -210,11 +434,29 @@ def nearby_sdpa(
         kernel_size, border, scale, backend: as in :func:`nearby_attention`.
         is_causal: ``True`` for raster-order causality (what ``is_causal=True`` means for SDPA on the
             flattened sequence), or per-axis ``(t, h, w)`` bools.
+        stride, dilation: as in :func:`nearby_attention`.
+        additional_keys, additional_values: ``(B, heads_kv, S, D)`` / ``(B, heads_kv, S, Dv)`` (SDPA layout)
+            tokens every query also attends to, or ``None``.
+        attn_mask, dropout_p, enable_gqa: SDPA's arguments, accepted so that this replaces
+            ``F.scaled_dot_product_attention`` in existing code: ``attn_mask`` must be ``None`` and
+            ``dropout_p`` 0 (the window is the mask; anything else raises ``ValueError``); grouped heads
+            always work, whatever ``enable_gqa`` says.
 
     Returns:
         ``(B, heads, N, Dv)`` (a strided view of a ``(B, N, heads, Dv)`` buffer, so
         ``out.transpose(1, 2).reshape(B, N, heads * Dv)`` is free).
     """
+    if attn_mask is not None:
+        raise ValueError(
+            "attn_mask must be None for nearby_sdpa: the window (kernel_size, is_causal, stride, dilation) is "
+            "the mask; pass additional_keys/additional_values for tokens every query sees"
+        )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float (0.0); got {type(dropout_p).__name__}: {dropout_p!r}")
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0.0 for nearby_sdpa (attention dropout is not supported); got {dropout_p}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool; got {enable_gqa!r}")
     query, key, value, _ = _autocast(query, key, value)
     _check_tensors(query, key, value, "sdpa")
     grid = _check_grid("grid", grid, query.shape[2])
@@ -232,8 +474,22 @@ def nearby_sdpa(
         border=border,
         scale=scale,
         backend=backend,
+        stride=stride,
+        dilation=dilation,
+        additional_keys=_sdpa_extra("additional_keys", additional_keys),
+        additional_values=_sdpa_extra("additional_values", additional_values),
     )
     return out.flatten(1, 3).transpose(1, 2)
+
+
+def _sdpa_extra(name: str, t: Optional[Tensor]) -> Optional[Tensor]:
+    """``(B, heads_kv, S, D)`` -> ``(B, S, heads_kv, D)`` (a view)."""
+    if t is None:
+        return None
+    if not isinstance(t, Tensor) or t.dim() != 4:
+        raise ValueError(f"{name} must be a 4-d tensor (B, heads_kv, S, D) in nearby_sdpa; got "
+                         f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    return t.transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,9 +505,11 @@ def can_run(
     kernel_size: KernelSizeArg = 3,
     causal: CausalArg = False,
     border: str = "truncate",
+    *,
+    stride: IntTriple = 1,
 ) -> Tuple[bool, str]:
     """Whether ``backend`` can run this grid-layout call, and the reason when it cannot."""
-    spec = _validated_spec(query, key, value, kernel_size, causal, border)
+    spec = _validated_spec(query, key, value, kernel_size, causal, border, stride)
     return get_backend(backend).can_run(query, key, value, spec)
 
 

@@ -115,12 +115,19 @@ static MutView mview(at::Tensor& t) {
   return v;
 }
 
+// stride: 3 ints; slab: empty or q_origin(3), k_origin(3), q_full(3), k_full(3) (as csrc/window_args.h).
 static Na3dProblem problem(const at::Tensor& q, const at::Tensor& k, std::vector<int64_t> ks,
-                           std::vector<int64_t> causal, bool raster, bool shift, double scale) {
+                           std::vector<int64_t> causal, bool raster, bool shift, std::vector<int64_t> stride,
+                           std::vector<int64_t> slab, double scale) {
   Na3dProblem pr{};
   for (int a = 0; a < 3; ++a) {
     pr.win.q_len[a] = q.size(1 + a); pr.win.k_len[a] = k.size(1 + a);
     pr.win.kernel[a] = ks[a]; pr.win.causal[a] = causal[a] != 0;
+    pr.win.stride[a] = stride[a];
+    pr.win.q_org[a] = slab.empty() ? 0 : slab[a];
+    pr.win.k_org[a] = slab.empty() ? 0 : slab[3 + a];
+    pr.win.q_full[a] = slab.empty() ? pr.win.q_len[a] : slab[6 + a];
+    pr.win.k_full[a] = slab.empty() ? pr.win.k_len[a] : slab[9 + a];
   }
   pr.win.raster = raster; pr.win.shift = shift;
   pr.batch = q.size(0); pr.heads = q.size(4); pr.heads_kv = k.size(4); pr.head_dim = q.size(5);
@@ -129,10 +136,10 @@ static Na3dProblem problem(const at::Tensor& q, const at::Tensor& k, std::vector
 }
 
 std::vector<at::Tensor> emu_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::vector<int64_t> ks,
-                                std::vector<int64_t> causal, bool raster, bool shift, double scale,
-                                int64_t max_blocks) {
+                                std::vector<int64_t> causal, bool raster, bool shift, std::vector<int64_t> stride,
+                                std::vector<int64_t> slab, double scale, int64_t max_blocks) {
   Na3dFwdArgs a{};
-  a.prob = problem(q, k, ks, causal, raster, shift, scale);
+  a.prob = problem(q, k, ks, causal, raster, shift, stride, slab, scale);
   a.query = cview(q); a.key = cview(k); a.value = cview(v);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(at::kFloat));
@@ -152,9 +159,10 @@ std::vector<at::Tensor> emu_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::v
 
 std::vector<at::Tensor> emu_bwd(at::Tensor g, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor lse,
                                 at::Tensor delta, std::vector<int64_t> ks, std::vector<int64_t> causal, bool raster,
-                                bool shift, double scale, int64_t max_blocks) {
+                                bool shift, std::vector<int64_t> stride, std::vector<int64_t> slab, double scale,
+                                int64_t max_blocks) {
   Na3dBwdArgs a{};
-  a.prob = problem(q, k, ks, causal, raster, shift, scale);
+  a.prob = problem(q, k, ks, causal, raster, shift, stride, slab, scale);
   a.grad_out = cview(g); a.query = cview(q); a.key = cview(k); a.value = cview(v);
   a.lse = cview(lse); a.delta = cview(delta);
   at::Tensor dq = at::empty(q.sizes(), q.options());

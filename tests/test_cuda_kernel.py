@@ -313,7 +313,7 @@ def _emulated(emulator, q, k, v, case: Case, max_blocks=2):
     spec = make_window_spec(case.q_grid, case.kv_grid, case.kernel_size, case.causal, case.border)
     scale = case.D ** -0.5
     args = (list(spec.kernel_size), [int(c) for c in spec.causal_axes], spec.raster_causal, spec.shift_border,
-            scale, max_blocks)
+            list(spec.stride), spec.slab_args(), scale, max_blocks)
     out, lse, _ = emulator.emu_fwd(q, k, v, *args)
     qc, kc, vc = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = oracle_attention(qc, kc, vc, **case.kw())

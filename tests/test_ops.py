@@ -12,9 +12,11 @@ from oracle import oracle_attention, random_grid_inputs, rel_err
 from test_backends import device_for, require_or_skip
 
 SETTINGS = [
-    pytest.param(([3, 3, 3], [False, False, False], True, False), id="raster"),
-    pytest.param(([2, 3, 7], [True, False, False], False, True), id="frame-causal-shift"),
-    pytest.param(([1, 4, 5], [False, True, True], False, False), id="hw-causal-even"),
+    pytest.param(([3, 3, 3], [False, False, False], True, False, [1, 1, 1], []), id="raster"),
+    pytest.param(([2, 3, 7], [True, False, False], False, True, [1, 1, 1], []), id="frame-causal-shift"),
+    pytest.param(([3, 3, 3], [False, True, False], False, True, [2, 1, 3], []), id="stride-shift"),
+    pytest.param(([1, 4, 5], [False, True, True], False, False, [1, 1, 1], [0, 1, 0, 0, 0, 0, 2, 6, 5, 2, 6, 5]),
+                 id="hw-causal-even-slab"),
 ]
 
 
@@ -89,7 +91,7 @@ def test_compile_inductor_sdpa_reference():
 
 def test_fake_kernels_match_real_outputs():
     q, k, v = random_grid_inputs(2, (2, 3, 4), (1, 3, 2), 4, 2, 8, dtype=torch.float64)
-    fake = _ops._fake_fwd(q, k, v, [3, 3, 3], [True, False, False], False, False, 0.3)
-    real = reference.FWD_OP(q, k, v, [3, 3, 3], [True, False, False], False, False, 0.3)
+    fake = _ops._fake_fwd(q, k, v, [3, 3, 3], [True, False, False], False, False, [1, 1, 1], [], 0.3)
+    real = reference.FWD_OP(q, k, v, [3, 3, 3], [True, False, False], False, False, [1, 1, 1], [], 0.3)
     for f, r in zip(fake, real):
         assert f.shape == r.shape and f.dtype == r.dtype and f.stride() == r.stride()

@@ -78,7 +78,8 @@ void check_row_tensor(const Tensor& t, const char* name, const Tensor& query) {
 }
 
 Na3dProblem make_problem(const Tensor& query, const Tensor& key, const Tensor& value, c10::IntArrayRef kernel_size,
-                         const c10::List<bool>& causal_axes, bool raster_causal, bool shift_border, double scale) {
+                         const c10::List<bool>& causal_axes, bool raster_causal, bool shift_border,
+                         c10::IntArrayRef stride, c10::IntArrayRef slab, double scale) {
   check_grid_tensor(query, "query", query);
   check_grid_tensor(key, "key", query);
   check_grid_tensor(value, "value", query);
@@ -99,7 +100,7 @@ Na3dProblem make_problem(const Tensor& query, const Tensor& key, const Tensor& v
               ") must equal D (", query.size(5), ")");
 
   Na3dProblem pr{};
-  pr.win = nuwa::window_params(query, key, kernel_size, causal_axes, raster_causal, shift_border);
+  pr.win = nuwa::window_params(query, key, kernel_size, causal_axes, raster_causal, shift_border, stride, slab);
   pr.batch = query.size(0);
   pr.heads = query.size(4);
   pr.heads_kv = key.size(4);
@@ -108,7 +109,7 @@ Na3dProblem make_problem(const Tensor& query, const Tensor& key, const Tensor& v
   pr.dtype = dtype_code(query);
   if (raster_causal) {
     for (int a = 0; a < 3; ++a) {
-      TORCH_CHECK(pr.win.q_len[a] == pr.win.k_len[a],
+      TORCH_CHECK(pr.win.q_full[a] == pr.win.k_full[a],
                   "nuwa_kernels (cuda backend): raster_causal needs the query grid to equal the key grid; got ",
                   query.sizes(), " and ", key.sizes());
     }
@@ -136,9 +137,10 @@ void check_launch(cudaError_t err, const char* what) {
 
 std::tuple<Tensor, Tensor> na3d_fwd_cuda(const Tensor& query, const Tensor& key, const Tensor& value,
                                          c10::IntArrayRef kernel_size, c10::List<bool> causal_axes,
-                                         bool raster_causal, bool shift_border, double scale) {
+                                         bool raster_causal, bool shift_border, c10::IntArrayRef stride,
+                                         c10::IntArrayRef slab, double scale) {
   const Na3dProblem pr =
-      make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale);
+      make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale);
   const c10::DeviceGuard guard(query.device());
   Tensor out = at::empty(query.sizes(), query.options());  // Dv == D
   Tensor lse = at::empty(query.sizes().slice(0, 5), query.options().dtype(at::kFloat));
@@ -153,9 +155,10 @@ std::tuple<Tensor, Tensor> na3d_fwd_cuda(const Tensor& query, const Tensor& key,
 std::tuple<Tensor, Tensor, Tensor> na3d_bwd_cuda(const Tensor& grad_out, const Tensor& query, const Tensor& key,
                                                  const Tensor& value, const Tensor& lse, const Tensor& delta,
                                                  c10::IntArrayRef kernel_size, c10::List<bool> causal_axes,
-                                                 bool raster_causal, bool shift_border, double scale) {
+                                                 bool raster_causal, bool shift_border, c10::IntArrayRef stride,
+                                         c10::IntArrayRef slab, double scale) {
   const Na3dProblem pr =
-      make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale);
+      make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale);
   check_grid_tensor(grad_out, "grad_out", query);
   TORCH_CHECK(grad_out.sizes() == query.sizes(), "nuwa_kernels (cuda backend): grad_out must have shape ",
               query.sizes(), "; got ", grad_out.sizes());

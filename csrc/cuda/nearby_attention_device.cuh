@@ -400,11 +400,12 @@ __device__ __forceinline__ void walk_window(const WindowParams& win, const Token
   const Interval wt = window_on_axis(win, 0, q.t);
   const Interval wh = window_on_axis(win, 1, q.h);
   const Interval ww = window_on_axis(win, 2, q.w);
+  const int64_t q_flat = query_row_flat(win, q.t, q.h) + q.w;  // global raster index (slabs keep the order)
   for (int64_t kt = wt.lo; kt <= wt.hi; ++kt) {
     for (int64_t kh = wh.lo; kh <= wh.hi; ++kh) {
       int64_t kw_hi = ww.hi;
       if (win.raster) {
-        kw_hi = imin(kw_hi, q.n - raster_index(kt, kh, 0, win.k_len));
+        kw_hi = imin(kw_hi, q_flat - key_row_flat(win, kt, kh));
         if (kw_hi < ww.lo) return;
       }
       row(kt, kh, ww.lo, kw_hi);
@@ -425,15 +426,15 @@ __device__ __forceinline__ InverseBox inverse_box(const WindowParams& win, const
   return x;
 }
 
-// Walks the box one query row at a time, with the raster filter flat(q) >= flat(k):
-// row(qt, qh, qw_lo, qw_hi).
+// Walks the box one query row at a time, with the raster filter flat(q) >= flat(k) (k_flat: the key's
+// global raster index, key_row_flat + kw): row(qt, qh, qw_lo, qw_hi).
 template <typename RowFn>
-__device__ __forceinline__ void walk_inverse_window(const WindowParams& win, const InverseBox& box, int64_t nk,
+__device__ __forceinline__ void walk_inverse_window(const WindowParams& win, const InverseBox& box, int64_t k_flat,
                                                     RowFn&& row) {
   for (int64_t qt = box.t.lo; qt <= box.t.hi; ++qt) {
     for (int64_t qh = box.h.lo; qh <= box.h.hi; ++qh) {
       int64_t qw_lo = box.w.lo;
-      if (win.raster) qw_lo = imax(qw_lo, nk - raster_index(qt, qh, 0, win.q_len));
+      if (win.raster) qw_lo = imax(qw_lo, k_flat - query_row_flat(win, qt, qh));
       row(qt, qh, qw_lo, box.w.hi);
     }
   }
@@ -713,7 +714,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksDkv) na3d_bwd_dkv_kernel(c
       const T* dob = chunk_slice(V.dout, key.b, head, gl.d0);
       const float* lb = head_slice(V.lse, key.b, head);
       const float* dlb = head_slice(V.delta, key.b, head);
-      walk_inverse_window(win, box, key.n, [&](int64_t qt, int64_t qh, int64_t qw_lo, int64_t qw_hi) {
+      walk_inverse_window(win, box, key_row_flat(win, key.t, key.h) + key.w, [&](int64_t qt, int64_t qh, int64_t qw_lo, int64_t qw_hi) {
         const T* qrow = grid_row(qb, qs, qt, qh);
         const T* dorow = grid_row(dob, dos, qt, qh);
         const float* lrow = grid_row(lb, ls, qt, qh);

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _ops
-from ..window import WindowSpec, axis_bounds
+from ..window import WindowSpec, global_raster_index, spec_axis_bounds, spec_from_op_args
 
 NAME = "reference"
 
@@ -32,17 +32,20 @@ def can_run(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tupl
 class _Windows:
     """Per-axis window tables of one call and the gather indices for a chunk of queries."""
 
-    def __init__(self, q_grid, kv_grid, kernel_size, causal_axes, raster, shift, device):
-        self.q_grid, self.kv_grid, self.raster = q_grid, kv_grid, raster
+    def __init__(self, spec: WindowSpec, device):
+        self.q_grid, self.kv_grid, self.raster = spec.q_grid, spec.kv_grid, spec.raster_causal
         self.lo: List[Tensor] = []
         self.width: List[int] = []
         self.hi: List[Tensor] = []
         for a in range(3):
-            lo, hi = axis_bounds(q_grid[a], kv_grid[a], kernel_size[a], causal_axes[a], shift, device=device)
+            lo, hi = spec_axis_bounds(spec, a, device=device)
             self.lo.append(lo)
             self.hi.append(hi)
-            self.width.append(int((hi - lo + 1).max().item()))
+            self.width.append(max(1, int((hi - lo + 1).max().item())) if lo.numel() else 1)
         self.window = self.width[0] * self.width[1] * self.width[2]
+        if self.raster:
+            self.q_flat = global_raster_index(spec, False, device)
+            self.k_flat = global_raster_index(spec, True, device)
 
     def gather(self, start: int, stop: int) -> Tuple[Tensor, Tensor]:
         """Flat key indices ``(C, window)`` (clamped in range) and their validity mask for queries
@@ -56,23 +59,23 @@ class _Windows:
         for a in range(3):
             j = self.lo[a][coords[a]][:, None] + torch.arange(self.width[a], device=device)[None, :]
             ok.append(j <= self.hi[a][coords[a]][:, None])
-            idx.append(j.clamp_max(self.kv_grid[a] - 1))
+            idx.append(j.clamp(0, self.kv_grid[a] - 1))
         it, ih, iw = (x[:, :, None, None] if a == 0 else x[:, None, :, None] if a == 1 else x[:, None, None, :]
                       for a, x in enumerate(idx))
         flat_k = ((it * Hk + ih) * Wk + iw).reshape(stop - start, -1)
         valid = (ok[0][:, :, None, None] & ok[1][:, None, :, None] & ok[2][:, None, None, :]).reshape(stop - start, -1)
         if self.raster:
-            valid &= flat_k <= flat_q[:, None]
+            valid &= self.k_flat[flat_k] <= self.q_flat[flat_q][:, None]
         return flat_k, valid
 
     def chunk_size(self, batch: int, heads_kv: int, dim: int) -> int:
         return max(1, CHUNK_ELEMENTS // max(1, batch * self.window * heads_kv * dim))
 
 
-def _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border):
+def _setup(query, key, value, *window_args):
     B, T, H, W, heads, D = query.shape
     Tk, Hk, Wk, heads_kv = key.shape[1:5]
-    win = _Windows((T, H, W), (Tk, Hk, Wk), kernel_size, causal_axes, raster_causal, shift_border, query.device)
+    win = _Windows(spec_from_op_args((T, H, W), (Tk, Hk, Wk), *window_args), query.device)
     acc = _ops.accum_dtype(query.dtype)
     q = query.reshape(B, T * H * W, heads_kv, heads // heads_kv, D)
     k = key.reshape(B, Tk * Hk * Wk, heads_kv, D)
@@ -90,10 +93,10 @@ def _chunk_scores(win, q, k, start, stop, scale, acc):
     return s, kw, qc, flat_k
 
 
-def _fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale):
+def _fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale):
     with torch.autocast(query.device.type, enabled=False):
         B, T, H, W, heads, D = query.shape
-        win, acc, q, k, v = _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border)
+        win, acc, q, k, v = _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab)
         N, heads_kv = T * H * W, key.shape[4]
         out = torch.empty((B, N, heads_kv, heads // heads_kv, value.shape[-1]), dtype=query.dtype, device=query.device)
         lse = torch.empty((B, N, heads_kv, heads // heads_kv), dtype=acc, device=query.device)
@@ -109,10 +112,11 @@ def _fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_
         return out.reshape(B, T, H, W, heads, -1), lse.reshape(B, T, H, W, heads)
 
 
-def _bwd_impl(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster_causal, shift_border, scale):
+def _bwd_impl(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster_causal, shift_border, stride,
+              slab, scale):
     with torch.autocast(query.device.type, enabled=False):
         B, T, H, W, heads, D = query.shape
-        win, acc, q, k, v = _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border)
+        win, acc, q, k, v = _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab)
         N, heads_kv, G = T * H * W, key.shape[4], heads // key.shape[4]
         do = grad_out.reshape(B, N, heads_kv, G, -1)
         lse_ = lse.reshape(B, N, heads_kv, G)
@@ -134,6 +138,27 @@ def _bwd_impl(grad_out, query, key, value, lse, delta, kernel_size, causal_axes,
             dk.index_add_(1, flat, (torch.einsum("bchgw,bchgd->bcwhd", ds, qc) * scale).flatten(1, 2))
             dv.index_add_(1, flat, torch.einsum("bchgw,bchgd->bcwhd", p, doc).flatten(1, 2))
         return dq.reshape(query.shape), dk.to(key.dtype).reshape(key.shape), dv.to(value.dtype).reshape(value.shape)
+
+
+def differentiable_forward(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab,
+                           scale) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of the op as plain differentiable PyTorch (chunked gathers, autograd keeps each
+    chunk's window): the path for second-order gradients of every backend (see ``_ops``)."""
+    with torch.autocast(query.device.type, enabled=False):
+        B, T, H, W, heads, D = query.shape
+        win, acc, q, k, v = _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab)
+        N, heads_kv = T * H * W, key.shape[4]
+        outs, lses = [], []
+        step = win.chunk_size(B, heads_kv, max(D, value.shape[-1]))
+        for start in range(0, N, step):
+            stop = min(start + step, N)
+            s, _, _, flat_k = _chunk_scores(win, q, k, start, stop, scale, acc)
+            chunk_lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - chunk_lse[..., None])
+            outs.append(torch.einsum("bchgw,bcwhd->bchgd", p, v[:, flat_k].to(acc)))
+            lses.append(chunk_lse)
+        out = torch.cat(outs, 1).to(query.dtype)
+        return out.reshape(B, T, H, W, heads, -1), torch.cat(lses, 1).reshape(B, T, H, W, heads)
 
 
 FWD_OP, BWD_OP = _ops.define_python_ops("reference", _fwd_impl, _bwd_impl)
