@@ -25,6 +25,7 @@ from .window import (
     _is_int,
     make_window_spec,
     normalize_dilation,
+    spec_and_dilation,
 )
 
 __all__ = [
@@ -199,8 +200,8 @@ def _attend(query, key, value, kernel_size, causal, border, scale, backend, stri
     _check_tensors(query, key, value, "grid")
     _check_shapes(query, key, value)
     slab = _check_slab(slab, query, key)
-    spec = make_window_spec(query.shape[1:4], key.shape[1:4], kernel_size, causal, border, stride, slab)
-    dil = normalize_dilation(dilation, spec.q_full, spec.k_full)
+    spec, dil = spec_and_dilation(query.shape[1:4], key.shape[1:4], kernel_size, causal, border, stride, dilation,
+                                  slab)
     extra = _check_additional(additional_keys, additional_values, key, value)
     scale = _resolve_scale(scale, query.shape[-1])
     module = select_backend(backend, query, key, value, spec)

@@ -22,7 +22,17 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .window import BORDERS, CausalArg, KernelSizeArg, WindowSpec, make_window_spec, spec_axis_bounds
+from .window import (
+    BORDERS,
+    CausalArg,
+    IntTriple,
+    KernelSizeArg,
+    WindowSpec,
+    axis_bounds,
+    make_window_spec,
+    normalize_dilation,
+    spec_axis_bounds,
+)
 
 __all__ = ["nearby_attention_decode"]
 
@@ -32,9 +42,33 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @lru_cache(maxsize=64)
-def _axis_tables(spec: WindowSpec, device: torch.device) -> Tuple[Tuple[Tensor, Tensor], ...]:
-    """Per-axis ``(lo, hi)`` tables of a spec (built once per spec and device: a decode step is small)."""
-    return tuple(spec_axis_bounds(spec, axis, device=device) for axis in range(3))
+def _axis_tables(spec: WindowSpec, dilation: Tuple[int, int, int], device: torch.device):
+    """Per axis ``(lo, hi, step, width)``: the keys ``lo, lo + step, ..., <= hi`` of every query coordinate,
+    at most ``width`` of them (built once per spec and device: a decode step is small).
+
+    A dilated axis (``step = d > 1``) is ``d`` interleaved groups, each an ordinary axis of its own
+    (section 3a): the group's window on its sub-axis, mapped back to key coordinates.
+    """
+    out = []
+    for axis in range(3):
+        d = dilation[axis]
+        if d == 1:
+            lo, hi = spec_axis_bounds(spec, axis, device=device)
+            out.append((lo, hi, 1, int((hi - lo + 1).max()) if lo.numel() else 1))
+            continue
+        length = spec.q_grid[axis]  # == key length on a dilated axis
+        lo = torch.empty(length, dtype=torch.int64, device=device)
+        hi = torch.empty(length, dtype=torch.int64, device=device)
+        width = 1
+        for g in range(min(d, length)):
+            lg = (length - g + d - 1) // d
+            k = min(spec.kernel_size[axis], 2 * lg - 1)  # kernel sizes were cut to the whole axis, not the group
+            glo, ghi = axis_bounds(lg, lg, k, spec.causal_axes[axis], spec.shift_border, device=device,
+                                   stride=spec.stride[axis])
+            lo[g::d], hi[g::d] = g + d * glo, g + d * ghi
+            width = max(width, int((ghi - glo + 1).max()))
+        out.append((lo, hi, d, width))
+    return tuple(out)
 
 
 def _check_tensor(name: str, x: object, ndim: int, layout: str) -> None:
@@ -102,6 +136,11 @@ def nearby_attention_decode(
     border: str = "truncate",
     scale: Optional[float] = None,
     return_lse: bool = False,
+    *,
+    stride: IntTriple = 1,
+    dilation: IntTriple = 1,
+    additional_keys: Optional[Tensor] = None,
+    additional_values: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Nearby attention of a few query tokens at given raster positions against a cached grid.
 
@@ -118,6 +157,9 @@ def nearby_attention_decode(
             ``causal=True`` (raster order) keys with ``flat(key) > position`` are masked, so the cache
             may hold garbage there (e.g. not yet generated tokens).
         return_lse: also return the log-sum-exp `(B, n, heads)` (float32, float64 for float64 input).
+        stride, dilation: as in :func:`nuwa_kernels.nearby_attention` (windows of the query grid).
+        additional_keys, additional_values: `(B, S, heads_kv, D)` / `(B, S, heads_kv, Dv)` tokens every
+            query also sees (text or start tokens of the prompt), or ``None``.
 
     Returns:
         ``out`` `(B, n, heads, Dv)` in the query dtype, or ``(out, lse)``.
@@ -161,7 +203,11 @@ def nearby_attention_decode(
         raise TypeError(f"scale must be a float or None; got {type(scale).__name__}: {scale!r}")
     kv_grid = (Tk, Hk, Wk)
     q_grid = _normalize_grid(grid, kv_grid)
-    spec = make_window_spec(q_grid, kv_grid, kernel_size, causal, border)
+    spec = make_window_spec(q_grid, kv_grid, kernel_size, causal, border, stride)
+    dil = normalize_dilation(dilation, q_grid, kv_grid)
+    from .api import _check_additional  # the one section-5a validation
+
+    extra = _check_additional(additional_keys, additional_values, key_cache, value_cache)
     T, H, W = q_grid
     pos = _normalize_positions(positions, B, n, T * H * W, query.device)
     scale = D ** -0.5 if scale is None else float(scale)
@@ -175,10 +221,9 @@ def nearby_attention_decode(
     # Per-axis window of each query: [lo, hi] from window.py's tables (O(T + H + W), no re-derivation).
     coords = (pos // (H * W), (pos // W) % H, pos % W)  # each (B, n)
     idx, valid = [], []
-    for axis, (lo_tab, hi_tab) in enumerate(_axis_tables(spec, query.device)):
+    for axis, (lo_tab, hi_tab, step, width) in enumerate(_axis_tables(spec, dil, query.device)):
         lo, hi = lo_tab[coords[axis]], hi_tab[coords[axis]]  # (B, n)
-        width = min(spec.kernel_size[axis], kv_grid[axis])  # the widest window on this axis
-        j = lo.unsqueeze(-1) + torch.arange(width, device=query.device)  # (B, n, width)
+        j = lo.unsqueeze(-1) + step * torch.arange(width, device=query.device)  # (B, n, width)
         valid.append(j <= hi.unsqueeze(-1))
         idx.append(j.clamp_max(kv_grid[axis] - 1))
     # Broadcast the three axes into a (B, n, Kt, Kh, Kw) window.
@@ -193,6 +238,11 @@ def nearby_attention_decode(
     k = key_cache[bi, it, ih, iw].flatten(2, 4).to(acc)  # (B, n, Kwin, heads_kv, D)
     v = value_cache[bi, it, ih, iw].flatten(2, 4).to(acc)  # (B, n, Kwin, heads_kv, Dv)
     ok = ok.flatten(2, 4)  # (B, n, Kwin)
+    if extra:  # the S additional tokens, unmasked, in the same softmax
+        S = additional_keys.shape[1]
+        k = torch.cat([k, additional_keys.to(acc)[:, None].expand(B, n, S, heads_kv, D)], 2)
+        v = torch.cat([v, additional_values.to(acc)[:, None].expand(B, n, S, heads_kv, Dv)], 2)
+        ok = torch.cat([ok, ok.new_ones(B, n, S)], 2)
 
     group = heads // heads_kv
     q = query.to(acc).reshape(B, n, heads_kv, group, D)

@@ -23,6 +23,7 @@ Conventions (``shared/spec/nearby_attention.md``):
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
@@ -128,6 +129,8 @@ class WindowSpec:
 
 def _is_int(x: object) -> bool:
     """A Python or numpy integer (not a bool)."""
+    if type(x) is int:  # the common case, without the abstract-class check
+        return True
     return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np_bool))
 
 
@@ -290,6 +293,45 @@ def spec_from_op_args(q_grid, kv_grid, kernel_size, causal_axes, raster, shift, 
         s = Slab(tuple(slab[0:3]), tuple(slab[3:6]), tuple(slab[6:9]), tuple(slab[9:12]))
     return WindowSpec(tuple(kernel_size), tuple(bool(c) for c in causal_axes), bool(raster), bool(shift),
                       tuple(q_grid), tuple(kv_grid), tuple(stride), s)
+
+
+def _sig(x):
+    """A cache key for one call argument that keeps ``1``, ``True``, ``1.0`` and ``np.int64(1)`` apart."""
+    t = type(x)
+    if t is tuple or t is list:
+        return (t, tuple(x), tuple([type(e) for e in x]))
+    return (t, x)
+
+
+def _unsig(key):
+    return key[1] if len(key) == 2 else key[1]
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_spec_and_dilation(q_grid, kv_grid, kernel_key, causal_key, border, stride_key, dilation_key, slab):
+    spec = make_window_spec(q_grid, kv_grid, _unsig(kernel_key), _unsig(causal_key), border, _unsig(stride_key), slab)
+    return spec, normalize_dilation(_unsig(dilation_key), spec.q_full, spec.k_full)
+
+
+def spec_and_dilation(
+    q_grid: Sequence[int],
+    kv_grid: Sequence[int],
+    kernel_size: KernelSizeArg,
+    causal: CausalArg,
+    border: str,
+    stride: IntTriple = 1,
+    dilation: IntTriple = 1,
+    slab: Optional[Slab] = None,
+) -> Tuple[WindowSpec, Grid]:
+    """:func:`make_window_spec` and :func:`normalize_dilation` of one call, cached on the arguments (a
+    call's host path then costs a dictionary lookup, not the validation again)."""
+    q_grid, kv_grid = tuple(q_grid), tuple(kv_grid)
+    try:
+        return _cached_spec_and_dilation(q_grid, kv_grid, _sig(kernel_size), _sig(causal), border, _sig(stride),
+                                         _sig(dilation), slab)
+    except TypeError:  # an unhashable argument: validate without the cache (and raise the usual errors)
+        spec = make_window_spec(q_grid, kv_grid, kernel_size, causal, border, stride, slab)
+        return spec, normalize_dilation(dilation, spec.q_full, spec.k_full)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -158,3 +158,25 @@ def test_decode_bad_input(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         nearby_attention_decode(**args)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=(3, 4, 3), causal=True, stride=(1, 2, 3)),
+    dict(kernel_size=(2, 3, 3), causal=(True, False, False), border="shift", stride=(2, 1, 1), dilation=(1, 2, 2)),
+    dict(kernel_size=(None, 3, 2), causal=True, dilation=(2, 1, 3)),
+], ids=["stride-raster", "stride-dilation-frame-causal", "dilation-raster-none"])
+def test_decode_stride_dilation_additional_keys(kw):
+    from oracle import oracle_attention
+
+    grid = (3, 5, 6)
+    q, k, v = (torch.randn(2, *grid, 4, 8, dtype=torch.float64) for _ in range(3))
+    k, v = k[..., :2, :], v[..., :2, :]
+    ak, av = torch.randn(2, 3, 2, 8, dtype=torch.float64), torch.randn(2, 3, 2, 8, dtype=torch.float64)
+    ref_out, ref_lse = oracle_attention(q, k, v, additional_keys=ak, additional_values=av, **kw)
+    pos = torch.tensor([[0, 17, 44, 89], [3, 30, 59, 61]])
+    qn = q.flatten(1, 3)[torch.arange(2)[:, None], pos]
+    out, lse = nearby_attention_decode(qn, k, v, pos, return_lse=True, additional_keys=ak, additional_values=av,
+                                          **kw)
+    ref_rows = ref_out.flatten(1, 3)[torch.arange(2)[:, None], pos]
+    assert torch.allclose(out, ref_rows, atol=1e-12)
+    assert torch.allclose(lse, ref_lse.flatten(1, 3)[torch.arange(2)[:, None], pos], atol=1e-12)
