@@ -283,11 +283,17 @@ def merge_attentions(outputs: Sequence[Tensor], lses: Sequence[Tensor]) -> Tuple
         if l.shape != o.shape[:-1]:
             raise ValueError(f"lses[{i}] must have shape {tuple(o.shape[:-1])} (the output's without Dv); got {tuple(l.shape)}")
     acc = accum_dtype(outputs[0].dtype)
-    stacked = torch.stack([l.to(acc) for l in lses])
-    lse = torch.logsumexp(stacked, 0)
-    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # rows that saw no key stay 0, not NaN
-    weights = torch.exp(stacked - finite)
-    out = sum(w[..., None] * o.to(acc) for w, o in zip(weights, outputs))
+    lses = [l.to(acc) for l in lses]
+    # Elementwise (a logsumexp over a stacked leading dim is a slow strided reduction on CPU).
+    top = lses[0]
+    for l in lses[1:]:
+        top = torch.maximum(top, l)
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # rows that saw no key stay 0, not NaN
+    weights = [torch.exp(l - top) for l in lses]
+    total = sum(weights[1:], weights[0])
+    lse = top + torch.log(total)
+    out = sum((w[..., None] * o.to(acc) for w, o in zip(weights[1:], outputs[1:])), weights[0][..., None] * outputs[0].to(acc))
+    out = out / total.clamp_min(torch.finfo(acc).tiny)[..., None]
     return out.to(outputs[0].dtype), lse
 
 

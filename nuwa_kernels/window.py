@@ -326,6 +326,9 @@ def spec_and_dilation(
     """:func:`make_window_spec` and :func:`normalize_dilation` of one call, cached on the arguments (a
     call's host path then costs a dictionary lookup, not the validation again)."""
     q_grid, kv_grid = tuple(q_grid), tuple(kv_grid)
+    if torch.compiler.is_compiling():  # traced once per graph anyway; dynamo does not trace into lru_cache
+        spec = make_window_spec(q_grid, kv_grid, kernel_size, causal, border, stride, slab)
+        return spec, normalize_dilation(dilation, spec.q_full, spec.k_full)
     try:
         return _cached_spec_and_dilation(q_grid, kv_grid, _sig(kernel_size), _sig(causal), border, _sig(stride),
                                          _sig(dilation), slab)

@@ -356,3 +356,22 @@ def test_numpy_ints_and_huge_windows():
     assert nk.nearby_sdpa(qs, qs, qs, (np.int64(2), 3, 4)).shape == qs.shape
     with pytest.raises(ValueError, match="kernel_size"):
         nk.nearby_attention(q, k, v, -(2 ** 63))
+
+
+def test_compile_fullgraph_with_generalised_arguments():
+    q, k, v = random_grid_inputs(1, (3, 4, 6), (3, 4, 6), 2, 2, 16, dtype=torch.float32, requires_grad=True)
+    ak = torch.randn(1, 3, 2, 16, requires_grad=True)
+    backend = "cpu" if nk.can_run("cpu", q, k, v)[0] else "reference"
+
+    def f(q, k, v, ak):
+        return nk.nearby_attention(q, k, v, (3, 3, 3), causal=True, stride=(1, 2, 1), dilation=(1, 1, 2),
+                                   additional_keys=ak, additional_values=ak, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True)
+    out = compiled(q, k, v, ak)
+    ref = f(q, k, v, ak)
+    assert rel_err(out, ref) < 1e-6
+    g = torch.autograd.grad(out.sum(), (q, k, v, ak))
+    r = torch.autograd.grad(ref.sum(), (q, k, v, ak))
+    for a, b in zip(g, r):
+        assert rel_err(a, b) < 1e-6
