@@ -27,6 +27,7 @@ from .window import (
     CausalArg,
     IntTriple,
     KernelSizeArg,
+    _is_int,
     WindowSpec,
     axis_bounds,
     make_window_spec,
@@ -86,13 +87,15 @@ def _normalize_grid(grid: Sequence[int], kv_grid: Tuple[int, int, int]) -> Tuple
     if not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 3:
         raise ValueError(f"grid must be the query grid (T, H, W), three positive ints; got {grid!r}")
     for axis, g in enumerate(grid):
-        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+        if not _is_int(g) or g < 1:
             raise ValueError(f"grid[{axis}] must be a positive int; got {g!r} in grid={tuple(grid)!r}")
-    return (grid[0], grid[1], grid[2])
+    return (int(grid[0]), int(grid[1]), int(grid[2]))
 
 
 def _normalize_positions(positions: Union[int, Tensor], batch: int, n: int, num_q: int, device) -> Tensor:
     """Return ``(B, n)`` int64 flat raster indices on the query grid, range-checked."""
+    if _is_int(positions):
+        positions = int(positions)
     if isinstance(positions, bool) or not isinstance(positions, (int, Tensor)):
         raise TypeError(
             f"positions must be an int or an integer tensor of shape (n,) or (B, n); got {type(positions).__name__}"
