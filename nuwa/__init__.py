@@ -18,6 +18,7 @@ from .modules import (
     NearbyCrossAttention,
     PositionalEmbedding3d,
     make_attention,
+    set_context_parallel,
 )
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "PositionalEmbedding3d",
     "KVCache",
     "make_attention",
+    "set_context_parallel",
 ]

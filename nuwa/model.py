@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import MLP, KVCache, PositionalEmbedding3d, make_attention
+from .modules import MLP, KVCache, PositionalEmbedding3d, _GroupRef, make_attention, set_context_parallel
 
 __all__ = ["NuwaConfig", "Nuwa", "EncoderBlock", "DecoderBlock"]
 
@@ -158,6 +158,28 @@ class Nuwa(nn.Module):
         self.decoder_norm = nn.LayerNorm(cfg.dim)
         self.to_logits = nn.Linear(cfg.dim, cfg.codebook_size)
         self.apply(self._init_weights)
+        self._cp_group, self._cp_axis = _GroupRef(None), 0
+
+    def set_context_parallel(self, process_group, shard_axis: int = 0) -> None:
+        """Run the decoder context-parallel over ``process_group`` (``None``: single process again).
+
+        Every rank passes the same whole inputs; the decoder runs on this rank's frames (``shard_axis=0``)
+        or rows (``1``) of the target grid (even shards), its self-attention exchanging only the window's
+        halo with the neighbouring ranks and its cross-attention reading the whole (replicated) encoder
+        output; the logits are gathered, so every rank returns all of them. The encoder (the condition,
+        short) runs whole on every rank. Parameter gradients are each rank's share: all-reduce (sum)
+        them, as data parallelism does. Nearby attention only; no cached decoding.
+        """
+        if process_group is not None and self.config.attention != "nearby":
+            raise ValueError(f"context parallelism needs attention='nearby'; this model has {self.config.attention!r}")
+        set_context_parallel(self.decoder, process_group, shard_axis)
+        self._cp_group, self._cp_axis = _GroupRef(process_group), shard_axis
+
+    @property
+    def context_parallel(self) -> Optional[Tuple[object, int]]:
+        """``(process_group, shard_axis)`` of the decoder's context parallelism, or ``None``."""
+        group = self._cp_group.group
+        return None if group is None else (group, self._cp_axis)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -190,9 +212,20 @@ class Nuwa(nn.Module):
     def decode(self, inputs: Tensor, memory: Tensor) -> Tensor:
         """Shifted decoder inputs `(B, T, H, W)` and encoder output -> logits `(B, T, H, W, codebook)`."""
         x = self.token_embed(inputs) + self.target_pos(inputs.shape[1:])
+        if self.context_parallel is not None:
+            import torch.distributed as dist
+
+            from nuwa_kernels.distributed import even_shard_lengths, gather_shards, shard
+
+            group, axis = self.context_parallel
+            lengths = even_shard_lengths(x.shape[1 + axis], dist.get_world_size(group))
+            x = shard(x, 1 + axis, group, lengths)
         for block in self.decoder:
             x = block(x, memory)
-        return self.to_logits(self.decoder_norm(x))
+        logits = self.to_logits(self.decoder_norm(x))
+        if self.context_parallel is not None:
+            logits = gather_shards(logits, 1 + axis, group, lengths)
+        return logits
 
     def forward(self, condition: Tensor, target: Tensor) -> Tensor:
         """Teacher-forced logits `(B, T, H, W, codebook)`: position ``p`` predicts ``target`` at ``p``."""
@@ -219,6 +252,8 @@ class Nuwa(nn.Module):
 
     def decode_step(self, tokens: Tensor, positions: Tensor, grid, caches) -> Tensor:
         """Input tokens `(B, n)` at flat ``positions`` `(n,)` -> logits `(B, n, codebook)`; fills caches."""
+        if self.context_parallel is not None:
+            raise NotImplementedError("cached decoding of a context-parallel model (set_context_parallel(None) first)")
         x = self.token_embed(tokens) + self.target_pos.at(positions, grid)
         for block, (self_cache, cross_cache) in zip(self.decoder, caches):
             x = block.step(x, positions, grid, self_cache, cross_cache)

@@ -19,6 +19,7 @@ token (``nuwa_kernels.decode.nearby_attention_decode``: ``O(window)`` per step).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nuwa_kernels import nearby_attention, nearby_attention_decode
+from nuwa_kernels import merge_attentions, nearby_attention, nearby_attention_decode
 
 __all__ = [
     "KVCache",
@@ -37,6 +38,7 @@ __all__ = [
     "FullAttention",
     "ATTENTION_TYPES",
     "make_attention",
+    "set_context_parallel",
     "PositionalEmbedding3d",
     "MLP",
 ]
@@ -135,8 +137,19 @@ class GridAttention(nn.Module):
         v = self.to_v(source).unflatten(-1, (self.num_kv_heads, self.head_dim))
         return k, v
 
-    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        """`x` `(B, T, H, W, dim)`; ``context`` `(B, Tc, Hc, Wc, context_dim)` for cross-attention."""
+    def global_kv(self, global_tokens: Optional[Tensor], batch: int) -> Optional[Tuple[Tensor, Tensor]]:
+        """Keys and values `(B, S, heads_kv, D)` of the global tokens every query attends to, or ``None``.
+
+        Only :class:`NearbyAttention` has global tokens; the other kinds refuse them.
+        """
+        if global_tokens is not None:
+            raise ValueError(f"{type(self).__name__} takes no global tokens (NearbyAttention does)")
+        return None
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, global_tokens: Optional[Tensor] = None) -> Tensor:
+        """`x` `(B, T, H, W, dim)`; ``context`` `(B, Tc, Hc, Wc, context_dim)` for cross-attention;
+        ``global_tokens`` `(B, S, kv_dim)` or `(S, kv_dim)`: tokens every query also attends to
+        (:class:`NearbyAttention` only; ``kv_dim`` is ``context_dim`` for cross-attention, else ``dim``)."""
         if self.is_cross != (context is not None):
             raise ValueError(
                 f"{type(self).__name__} is {'cross' if self.is_cross else 'self'}-attention: "
@@ -144,7 +157,8 @@ class GridAttention(nn.Module):
             )
         q = self.to_q(x).unflatten(-1, (self.heads, self.head_dim))
         k, v = self.project_kv(x if context is None else context)
-        out = self.attend(q, k, v)
+        extra = self.global_kv(global_tokens, x.shape[0])
+        out = self.attend(q, k, v) if extra is None else self.attend(q, k, v, *extra)
         return self.to_out(out.flatten(-2))
 
     def make_cache(self, batch: int, grid: Sequence[int], dtype=None, device=None) -> KVCache:
@@ -159,7 +173,9 @@ class GridAttention(nn.Module):
         k, v = self.project_kv(context)
         return KVCache(k, v)
 
-    def step(self, x: Tensor, positions: Tensor, grid: Sequence[int], cache: KVCache) -> Tensor:
+    def step(
+        self, x: Tensor, positions: Tensor, grid: Sequence[int], cache: KVCache, global_tokens: Optional[Tensor] = None
+    ) -> Tensor:
         """Decode `x` `(B, n, dim)`, new tokens at flat raster ``positions`` `(n,)` of ``grid``.
 
         Self-attention writes the new keys/values into ``cache`` first (so a token sees itself);
@@ -170,8 +186,24 @@ class GridAttention(nn.Module):
         if not self.is_cross:
             k, v = self.project_kv(x)
             cache.write(positions, k, v)
-        out = self.attend_decode(q, cache, positions, grid)
+        extra = self.global_kv(global_tokens, x.shape[0])
+        out = self.attend_decode(q, cache, positions, grid) if extra is None else \
+            self.attend_decode(q, cache, positions, grid, *extra)
         return self.to_out(out.flatten(-2))
+
+
+class _GroupRef:
+    """Holds a process group on a module: ``copy.deepcopy`` shares it (groups are process-wide
+    handles), pickling drops it (an unpickled module runs single-process)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __getstate__(self):
+        return {"group": None}
 
 
 class NearbyAttention(GridAttention):
@@ -180,18 +212,120 @@ class NearbyAttention(GridAttention):
     Self-attention by default; with ``context_dim`` it is cross-attention to a condition grid of any
     size (the window is centred at ``floor(i * Lk / Lq)`` per axis; use ``kernel_size=None`` on an
     axis to see the whole axis, e.g. `(None, 1, 1)` for a text condition on an `(L, 1, 1)` grid).
+
+    Args (beyond :class:`GridAttention`'s):
+        stride: int or `(st, sh, sw)`: blocks of ``stride`` queries share one window (contract 3a;
+            ``stride == kernel_size`` is blocked window attention).
+        dilation: int or `(dt, dh, dw)`: windows over every ``dilation``-th position (contract 3a).
+        num_global_tokens: learned global tokens (in the key/value input space, projected by ``to_k`` /
+            ``to_v``) that every query attends to in the same softmax as its window (contract 5a):
+            start-of-sequence or register tokens. Tokens passed to ``forward(..., global_tokens=)``
+            are attended to as well (after the learned ones).
+        process_group: a ``torch.distributed`` group: the module runs context-parallel; ``x`` is then
+            this rank's shard of the grid along ``shard_axis`` (0 = frames, 1 = rows), shards in rank
+            order. Self-attention exchanges the window's halo with the neighbouring ranks
+            (:func:`nuwa_kernels.distributed.nearby_attention_cp`); cross-attention takes the whole
+            (replicated) context on every rank and maps this rank's queries with the global grid.
+        shard_axis: the sharded grid axis with ``process_group``.
+
+    nuwa-pytorch's ``Sparse3DNA`` with its ``<bos>`` token is this module with ``border="truncate"``,
+    ``causal=(True, True, True)`` for its ``causal=True``, its ``dilation`` and the ``<bos>`` activation
+    passed as ``global_tokens`` (``tests/test_model.py`` checks the two agree).
     """
 
-    def attend(self, q, k, v):
-        return nearby_attention(
-            q, k, v, kernel_size=self.kernel_size, causal=self.causal, border=self.border, backend=self.backend
+    def __init__(
+        self,
+        dim: int,
+        *args,
+        stride=1,
+        dilation=1,
+        num_global_tokens: int = 0,
+        process_group=None,
+        shard_axis: int = 0,
+        **kwargs,
+    ):
+        super().__init__(dim, *args, **kwargs)
+        if not isinstance(num_global_tokens, int) or num_global_tokens < 0:
+            raise ValueError(f"num_global_tokens must be a non-negative int; got {num_global_tokens!r}")
+        self.stride, self.dilation = stride, dilation
+        self.global_tokens = (
+            nn.Parameter(torch.randn(num_global_tokens, self.to_k.in_features) * 0.02) if num_global_tokens else None
         )
+        self.set_process_group(process_group, shard_axis)
 
-    def attend_decode(self, q, cache, positions, grid):
-        return nearby_attention_decode(
-            q, cache.key, cache.value, positions, grid,
-            kernel_size=self.kernel_size, causal=self.causal, border=self.border,
-        )
+    def set_process_group(self, process_group, shard_axis: int = 0) -> None:
+        """Run context-parallel over ``process_group`` (``None``: single process), sharded on ``shard_axis``."""
+        if shard_axis not in (0, 1):
+            raise ValueError(f"shard_axis must be 0 (frames) or 1 (rows); got {shard_axis!r}")
+        self._group_ref, self.shard_axis = _GroupRef(process_group), shard_axis
+
+    @property
+    def process_group(self):
+        """The ``torch.distributed`` group of context parallelism, or ``None``."""
+        return self._group_ref.group
+
+    def global_kv(self, global_tokens, batch):
+        tokens = []
+        if self.global_tokens is not None:
+            tokens.append(self.global_tokens.expand(batch, *self.global_tokens.shape))
+        if global_tokens is not None:
+            if global_tokens.dim() == 2:
+                global_tokens = global_tokens.expand(batch, *global_tokens.shape)
+            if global_tokens.dim() != 3 or global_tokens.shape[-1] != self.to_k.in_features:
+                raise ValueError(
+                    f"global_tokens must be (B, S, {self.to_k.in_features}) or (S, {self.to_k.in_features}); "
+                    f"got {tuple(global_tokens.shape)}"
+                )
+            tokens.append(global_tokens)
+        if not tokens:
+            return None
+        return self.project_kv(torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0])
+
+    def _window_kwargs(self):
+        kw = dict(kernel_size=self.kernel_size, causal=self.causal, border=self.border, backend=self.backend)
+        if self.stride != 1:
+            kw["stride"] = self.stride
+        if self.dilation != 1:
+            kw["dilation"] = self.dilation
+        return kw
+
+    def attend(self, q, k, v, extra_k=None, extra_v=None):
+        kw = self._window_kwargs()
+        if extra_k is not None:
+            kw.update(additional_keys=extra_k, additional_values=extra_v)
+        if self.process_group is not None and not self.is_cross:
+            from nuwa_kernels.distributed import nearby_attention_cp
+
+            return nearby_attention_cp(q, k, v, **kw, group=self.process_group, axis=self.shard_axis)
+        if self.process_group is not None:  # cross-attention: the query shard against the whole context
+            from nuwa_kernels import Slab, nearby_attention_slab
+            from nuwa_kernels.distributed import gather_lengths
+
+            lengths, rank = gather_lengths(q.shape[1 + self.shard_axis], self.process_group, q.device)
+            q_origin, q_full = [0, 0, 0], list(q.shape[1:4])
+            q_origin[self.shard_axis], q_full[self.shard_axis] = sum(lengths[:rank]), sum(lengths)
+            slab = Slab(tuple(q_origin), (0, 0, 0), tuple(q_full), tuple(k.shape[1:4]))
+            return nearby_attention_slab(q, k, v, slab, **kw)
+        return nearby_attention(q, k, v, **kw)
+
+    def attend_decode(self, q, cache, positions, grid, extra_k=None, extra_v=None):
+        if self.process_group is not None:
+            raise NotImplementedError("cached decoding of a context-parallel NearbyAttention (use process_group=None)")
+        kw = self._window_kwargs()
+        kw.pop("backend")
+        if ("stride" in kw or "dilation" in kw) and "stride" not in inspect.signature(nearby_attention_decode).parameters:
+            raise NotImplementedError("cached decoding with stride or dilation (nearby_attention_decode lacks them)")
+        out, lse = nearby_attention_decode(q, cache.key, cache.value, positions, grid, return_lse=True, **kw)
+        if extra_k is None:
+            return out
+        # the global tokens: dense attention to S keys, merged exactly with the window through the lses
+        group = self.heads // self.num_kv_heads
+        ks = extra_k.repeat_interleave(group, dim=2).transpose(1, 2)  # (B, heads, S, D)
+        vs = extra_v.repeat_interleave(group, dim=2).transpose(1, 2)
+        s = (q.transpose(1, 2).to(lse.dtype) @ ks.transpose(-1, -2).to(lse.dtype)) * self.head_dim ** -0.5
+        g_out = (torch.softmax(s, -1) @ vs.to(lse.dtype)).transpose(1, 2)  # (B, n, heads, D)
+        g_lse = torch.logsumexp(s, -1).transpose(1, 2)
+        return merge_attentions([out, g_out.to(out.dtype)], [lse, g_lse])[0]
 
 
 class NearbyCrossAttention(NearbyAttention):
@@ -242,7 +376,7 @@ class FullAttention(GridAttention):
     def attend(self, q, k, v):
         if not isinstance(self.causal, bool):
             return nearby_attention(q, k, v, kernel_size=None, causal=self.causal, backend=self.backend)
-        B, heads, D = q.shape[0], q.shape[4], q.shape[5]
+        heads = q.shape[4]
         group = heads // k.shape[4]
         qs = q.flatten(1, 3).transpose(1, 2)  # (B, heads, N, D)
         ks = k.flatten(1, 3).transpose(1, 2).repeat_interleave(group, dim=1)
@@ -263,6 +397,26 @@ def make_attention(kind: str, *args, **kwargs) -> GridAttention:
     if kind not in ATTENTION_TYPES:
         raise ValueError(f"attention must be one of {tuple(ATTENTION_TYPES)}; got {kind!r}")
     return ATTENTION_TYPES[kind](*args, **kwargs)
+
+
+def set_context_parallel(model: nn.Module, process_group, shard_axis: int = 0) -> int:
+    """Make every :class:`NearbyAttention` in ``model`` context-parallel over ``process_group``
+    (``None`` undoes it); returns how many modules changed.
+
+    The model's grid activations are then each rank's shard along ``shard_axis``; cross-attention
+    contexts stay whole (replicated) on every rank. Everything that acts token by token (projections,
+    MLPs, norms) needs nothing more. Positional embeddings must be those of the shard's global
+    positions (slice the global table). Axial and full attention over a sharded grid are not
+    context-parallel: they raise.
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, NearbyAttention):
+            m.set_process_group(process_group, shard_axis)
+            n += 1
+        elif isinstance(m, GridAttention) and process_group is not None:
+            raise ValueError(f"{type(m).__name__} cannot run context-parallel (only NearbyAttention can)")
+    return n
 
 
 class PositionalEmbedding3d(nn.Module):

@@ -108,8 +108,31 @@ def test_wan_layer_matches_masked_dense_attention(ks):
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("ks,stride,dilation", [((3, 4, 4), (1, 2, 2), 1), ((2, 3, 3), 1, (1, 2, 2))])
+def test_wan_layer_stride_dilation(ks, stride, dilation):
+    """stride / dilation reach the kernels: one attn1 layer against the oracle's dense mask."""
+    model = tiny_wan()
+    grid = (3, 4, 4)
+    rope = model.rope(torch.randn(2, 4, 3, 8, 8))
+    hidden = torch.randn(2, 48, 16)
+    attn = model.blocks[0].attn1
+    mask = oracle_mask(grid, grid, ks, False, "shift", stride, dilation)
+    with torch.no_grad():
+        want = attn(hidden, None, mask, rope)
+        handle = apply_nearby_attention(model, kernel_size=ks, border="shift", stride=stride, dilation=dilation)
+        handle.state.grid = grid
+        got = attn(hidden, None, None, rope)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_context_parallel_needs_wan():
+    with pytest.raises(ValueError, match="WanTransformer3DModel"):
+        apply_nearby_attention(tiny_cogvideox(), process_group=object())
+
+
 def test_cogvideox_layer_matches_masked_dense_attention():
-    """Joint attention: text rows full, video rows = all text + the video window (one softmax)."""
+    """Joint attention: text rows full, video rows = all text + the video window (one softmax; the text
+    tokens enter nearby attention as additional keys)."""
     model = tiny_cogvideox()
     grid, L, ks = (3, 4, 4), 6, (1, 3, 3)
     inputs = cog_inputs(model)
@@ -143,3 +166,26 @@ def test_wan_fused_projections():
         apply_nearby_attention(model, kernel_size=None)
         got = model(**inputs)[0]
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        (dict(kernel_size=(0, 3, 3)), ValueError),
+        (dict(kernel_size=(3, 3)), ValueError),
+        (dict(kernel_size=-1), ValueError),
+        (dict(kernel_size=2.5), TypeError),
+        (dict(kernel_size=3, border="wrap"), ValueError),
+        (dict(kernel_size=3, backend="gpu"), ValueError),
+    ],
+    ids=["zero-axis", "two-axes", "negative", "float", "border", "backend"],
+)
+def test_apply_validates_at_apply_time(kwargs, error):
+    """Bad options raise when the processors are installed (not at the first forward), and nothing
+    is changed on the model."""
+    model = tiny_wan()
+    before = [b.attn1.processor for b in model.blocks]
+    with pytest.raises(error):
+        apply_nearby_attention(model, **kwargs)
+    assert [b.attn1.processor for b in model.blocks] == before
+    assert not model._forward_pre_hooks

@@ -127,6 +127,141 @@ def test_step_with_cache_equals_forward(kind):
     assert rel_err(got, cross(x, ctx).flatten(1, 3)[:, 7:9]) < 1e-10
 
 
+def dense_with_globals(module, x, tokens, mask):
+    """Dense float64 attention of ``module`` where every query also sees the global ``tokens`` `(B, S, dim)`."""
+    B, S = x.shape[0], tokens.shape[1]
+    q = module.to_q(x).flatten(1, 3).unflatten(-1, (module.heads, module.head_dim)).transpose(1, 2)
+    src = torch.cat([tokens, x.flatten(1, 3)], dim=1)
+    k = module.to_k(src).unflatten(-1, (module.num_kv_heads, module.head_dim)).transpose(1, 2)
+    v = module.to_v(src).unflatten(-1, (module.num_kv_heads, module.head_dim)).transpose(1, 2)
+    group = module.heads // module.num_kv_heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    full = torch.cat([torch.ones(mask.shape[0], S, dtype=torch.bool), mask], dim=1)
+    s = ((q @ k.transpose(-1, -2)) * module.head_dim ** -0.5).masked_fill(~full, float("-inf"))
+    out = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, *x.shape[1:4], -1)
+    return module.to_out(out)
+
+
+@pytest.mark.parametrize(
+    "grid,ks,causal,border,stride,dilation",
+    [
+        ((4, 5, 6), (3, 3, 4), False, "shift", (2, 1, 2), 1),
+        ((5, 4, 4), 3, True, "truncate", 1, (2, 1, 2)),
+        ((4, 6, 4), (2, 3, 3), (True, False, False), "truncate", (1, 3, 1), (1, 2, 1)),
+    ],
+)
+def test_nearby_attention_stride_dilation_global_tokens(grid, ks, causal, border, stride, dilation):
+    """Stride, dilation and global tokens (learned and given) against dense attention with the oracle mask."""
+    torch.manual_seed(0)
+    attn = NearbyAttention(
+        16, heads=4, num_kv_heads=2, kernel_size=ks, causal=causal, border=border, stride=stride, dilation=dilation,
+        num_global_tokens=2,
+    ).double()
+    x = rand_grid(2, grid, 16)
+    given = torch.randn(2, 3, 16, dtype=torch.float64)
+    mask = oracle_mask(grid, grid, ks, causal, border, stride, dilation)
+    learned = attn.global_tokens.expand(2, -1, -1)
+    want = dense_with_globals(attn, x, torch.cat([learned, given], 1), mask)
+    got = attn(x, global_tokens=given)
+    assert rel_err(got, want) < 1e-10
+    params = [x.requires_grad_(), given.requires_grad_()] + list(attn.parameters())
+    g = torch.randn_like(got)
+    want = dense_with_globals(attn, x, torch.cat([attn.global_tokens.expand(2, -1, -1), given], 1), mask)
+    for a, b in zip(torch.autograd.grad(attn(x, global_tokens=given), params, g), torch.autograd.grad(want, params, g)):
+        assert rel_err(a, b) < 1e-10
+    # without the given tokens: the learned ones only
+    assert rel_err(attn(x), dense_with_globals(attn, x, learned, mask)) < 1e-10
+
+
+def test_global_tokens_in_cached_decoding():
+    torch.manual_seed(0)
+    grid = (2, 3, 3)
+    attn = NearbyAttention(16, heads=4, num_kv_heads=2, kernel_size=(2, 3, 3), causal=True, num_global_tokens=1).double()
+    x = rand_grid(2, grid, 16)
+    given = torch.randn(2, 2, 16, dtype=torch.float64)
+    want = attn(x, global_tokens=given).flatten(1, 3)
+    cache = attn.make_cache(2, grid)
+    rows = [attn.step(x.flatten(1, 3)[:, p : p + 1], torch.tensor([p]), grid, cache, global_tokens=given) for p in range(18)]
+    assert rel_err(torch.cat(rows, 1), want) < 1e-10
+    with pytest.raises(ValueError, match="global tokens"):
+        AxialAttention(16, heads=2)(x.float(), global_tokens=given.float())
+
+
+def _sparse3dna():
+    """``nuwa_pytorch.nuwa_pytorch.Sparse3DNA`` without the package ``__init__`` (it imports torchvision),
+    as ``benchmarks/providers.py`` loads it."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        if "nuwa_pytorch.nuwa_pytorch" not in sys.modules:
+            spec = importlib.util.find_spec("nuwa_pytorch")
+            if spec is None or not spec.submodule_search_locations:
+                pytest.skip("nuwa-pytorch is not installed")
+            if "nuwa_pytorch" not in sys.modules:
+                pkg = types.ModuleType("nuwa_pytorch")
+                pkg.__path__ = list(spec.submodule_search_locations)
+                sys.modules["nuwa_pytorch"] = pkg
+        return importlib.import_module("nuwa_pytorch.nuwa_pytorch").Sparse3DNA
+    except ImportError as e:
+        pytest.skip(f"nuwa-pytorch not importable: {type(e).__name__}: {e}")
+
+
+@pytest.mark.parametrize("causal,dilation", [(False, 1), (True, 1), (False, 2), (True, (1, 2, 1))])
+def test_reproduces_nuwa_pytorch_sparse3dna_with_its_bos_token(causal, dilation):
+    """nuwa-pytorch 0.7.8's ``Sparse3DNA`` (talking heads set to the identity) on ``[<bos>; video]`` equals
+    NearbyAttention with the ``<bos>`` activation as a global token; its ``causal`` is per-axis causal on
+    all three axes."""
+    Sparse3DNA = _sparse3dna()
+    torch.manual_seed(0)
+    dim, heads, dh, grid, ks = 16, 2, 8, (3, 4, 4), (3, 3, 3)
+    ref = Sparse3DNA(dim=dim, video_shape=grid, kernel_size=ks, dilation=dilation, heads=heads, dim_head=dh, causal=causal)
+    ours = NearbyAttention(
+        dim, heads=heads, head_dim=dh, kernel_size=ks, dilation=dilation, bias=True,
+        causal=(True, True, True) if causal else False,
+    )
+    inner = heads * dh
+    with torch.no_grad():
+        ref.talking_heads.weight.copy_(torch.eye(heads)[:, :, None, None])
+        ours.to_q.weight.copy_(ref.to_q.weight)
+        ours.to_k.weight.copy_(ref.to_kv.weight[:inner])
+        ours.to_v.weight.copy_(ref.to_kv.weight[inner:])
+        ours.to_out.weight.copy_(ref.to_out.weight)
+        ours.to_out.bias.copy_(ref.to_out.bias)
+        for lin in (ours.to_q, ours.to_k, ours.to_v):
+            lin.bias.zero_()
+    x = torch.randn(2, 1 + math.prod(grid), dim)
+    want = ref(x)[:, 1:]
+    got = ours(x[:, 1:].unflatten(1, grid), global_tokens=x[:, :1]).flatten(1, 3)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_global_tokens_and_context_parallel_arguments():
+    with pytest.raises(ValueError, match="num_global_tokens"):
+        NearbyAttention(16, heads=2, num_global_tokens=-1)
+    attn = NearbyAttention(16, heads=2, num_global_tokens=1)
+    with pytest.raises(ValueError, match="global_tokens"):
+        attn(torch.randn(1, 2, 2, 2, 16), global_tokens=torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="shard_axis"):
+        NearbyAttention(16, heads=2, process_group=object(), shard_axis=2)
+    from nuwa.modules import set_context_parallel
+
+    group = object()  # any handle: nothing communicates until a forward
+    model = torch.nn.Sequential(NearbyAttention(16, heads=2), NearbyCrossAttention(16, context_dim=8, heads=2))
+    assert set_context_parallel(model, group, 1) == 2
+    assert model[0].process_group is group and model[1].shard_axis == 1
+    import copy
+
+    assert copy.deepcopy(model)[0].process_group is group  # groups are shared, not copied
+    assert set_context_parallel(model, None) == 2 and model[0].process_group is None
+    with pytest.raises(ValueError, match="AxialAttention"):
+        set_context_parallel(torch.nn.Sequential(AxialAttention(16, heads=2)), group)
+    with pytest.raises(ValueError, match="nearby"):
+        Nuwa(NuwaConfig.tiny(attention="full", encoder_layers=1, decoder_layers=1)).set_context_parallel(group)
+
+
 def test_attention_rejects_bad_config():
     with pytest.raises(ValueError, match="num_kv_heads"):
         NearbyAttention(16, heads=4, num_kv_heads=3)

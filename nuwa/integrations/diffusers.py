@@ -11,10 +11,12 @@ Supported models:
   (``attn2``), which is left as it is. The natural fit for 3DNA.
 * ``CogVideoXTransformer3DModel``: *joint* attention over ``[text tokens, video tokens]``. Text queries
   keep full attention to every token; video queries attend to **all text tokens plus the 3D window** of
-  video tokens around them. The two parts are computed separately (dense attention to the text, nearby
-  attention on the video grid, each with its log-sum-exp) and merged exactly:
-  ``out = (e^{lse_t} out_t + e^{lse_v} out_v) / (e^{lse_t} + e^{lse_v})``, i.e. one softmax over
-  the union of the keys.
+  video tokens around them, in one softmax: the text keys/values are ``additional_keys`` /
+  ``additional_values`` of :func:`nuwa_kernels.nearby_attention` (contract section 5a).
+
+``apply_nearby_attention(..., process_group=group, shard_axis=0)`` runs a Wan model context-parallel:
+each rank computes its frames (rows) of the latent grid and the attention exchanges only the window's
+halo with the neighbouring ranks (:mod:`nuwa_kernels.distributed`; ``docs/distributed.md``).
 
 The latent grid `(T, H, W)` after patchifying is read from the model's input by a forward pre-hook,
 so one model runs any resolution. With ``kernel_size=None`` the processors reproduce the original
@@ -29,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -48,9 +51,35 @@ __all__ = [
 
 @dataclass
 class _GridState:
-    """The latent token grid of the current forward call, shared by a model's processors."""
+    """The latent token grid of the current forward call, shared by a model's processors.
+
+    With context parallelism (``group`` set) ``grid`` is the global grid, ``lengths`` every rank's
+    shard length along ``axis`` and ``local`` this rank's part of the grid.
+    """
 
     grid: Optional[Tuple[int, int, int]] = None
+    group: Any = None
+    axis: int = 0
+    lengths: Optional[List[int]] = None
+
+    @property
+    def offset(self) -> int:
+        import torch.distributed as dist
+
+        return sum(self.lengths[: dist.get_rank(self.group)])
+
+    @property
+    def local(self) -> Tuple[int, int, int]:
+        import torch.distributed as dist
+
+        g = list(self.require())
+        g[self.axis] = self.lengths[dist.get_rank(self.group)]
+        return tuple(g)  # type: ignore[return-value]
+
+    def take(self, x: Tensor, dim: int) -> Tensor:
+        """This rank's tokens of a tensor whose ``dim`` holds the global grid's tokens in raster order."""
+        local = self.local
+        return x.unflatten(dim, self.require()).narrow(dim + self.axis, self.offset, local[self.axis]).flatten(dim, dim + 2)
 
     def require(self) -> Tuple[int, int, int]:
         if self.grid is None:
@@ -66,6 +95,17 @@ class _NearbyOptions:
     kernel_size: Any = 3
     border: str = "truncate"
     backend: str = "auto"
+    stride: Any = 1
+    dilation: Any = 1
+
+    def window(self) -> dict:
+        """The window keyword arguments of the ``nuwa_kernels`` calls."""
+        kw = dict(kernel_size=self.kernel_size, border=self.border, backend=self.backend)
+        if self.stride != 1:
+            kw["stride"] = self.stride
+        if self.dilation != 1:
+            kw["dilation"] = self.dilation
+        return kw
 
 
 def _rope_wan(x: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor:
@@ -103,12 +143,21 @@ class NearbyWanAttnProcessor:
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))  # (B, N, heads, D)
         if rotary_emb is not None:
             query, key = _rope_wan(query, *rotary_emb), _rope_wan(key, *rotary_emb)
-        o = self.options
-        out = nearby_sdpa(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.state.require(),
-            kernel_size=o.kernel_size, border=o.border, backend=o.backend,
-        )  # (B, heads, N, D)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        st = self.state
+        if st.group is not None:  # context parallel: this rank's tokens, halo exchange with its neighbours
+            from nuwa_kernels.distributed import nearby_attention_cp
+
+            local = st.local
+            out = nearby_attention_cp(
+                query.unflatten(1, local), key.unflatten(1, local), value.unflatten(1, local),
+                **self.options.window(), group=st.group, axis=st.axis, shard_lengths=st.lengths,
+            ).flatten(1, 3)  # (B, N_local, heads, D)
+        else:
+            out = nearby_sdpa(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), st.require(),
+                **self.options.window(),
+            ).transpose(1, 2)  # (B, N, heads, D)
+        out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -149,23 +198,14 @@ class NearbyCogVideoXAttnProcessor:
 
         # text queries: full attention over text + video
         out_text = F.scaled_dot_product_attention(q[:, :, :L], k, v)
-        # video queries: dense part over the text keys, nearby part over the video grid
-        qv = q[:, :, L:]
-        scale = qv.shape[-1] ** -0.5
-        s = (qv.float() @ k[:, :, :L].float().transpose(-1, -2)) * scale  # (B, heads, Nv, L), L is small
-        lse_t = torch.logsumexp(s, dim=-1)
-        out_t = torch.softmax(s, dim=-1) @ v[:, :, :L].float()
+        # video queries: the text tokens as additional keys of nearby attention on the video grid (one
+        # softmax over all text keys and the window; contract section 5a)
         grid = self.state.require()
         as_grid = lambda t: t.transpose(1, 2).unflatten(1, grid)  # noqa: E731  (B, T, H, W, heads, D)
-        o = self.options
-        out_v, lse_v = nearby_attention(
-            as_grid(qv), as_grid(k[:, :, L:]), as_grid(v[:, :, L:]),
-            kernel_size=o.kernel_size, border=o.border, scale=scale, return_lse=True, backend=o.backend,
-        )
-        out_v = out_v.flatten(1, 3).transpose(1, 2).float()  # (B, heads, Nv, D)
-        lse_v = lse_v.flatten(1, 3).transpose(1, 2).float()  # (B, heads, Nv)
-        lse = torch.logaddexp(lse_t, lse_v)
-        out_video = out_t * torch.exp(lse_t - lse)[..., None] + out_v * torch.exp(lse_v - lse)[..., None]
+        out_video = nearby_attention(
+            as_grid(q[:, :, L:]), as_grid(k[:, :, L:]), as_grid(v[:, :, L:]), **self.options.window(),
+            additional_keys=k[:, :, :L].transpose(1, 2), additional_values=v[:, :, :L].transpose(1, 2),
+        ).flatten(1, 3).transpose(1, 2)  # (B, heads, Nv, D)
 
         out = torch.cat([out_text, out_video.to(out_text.dtype)], dim=2)
         out = out.transpose(1, 2).reshape(B, -1, attn.heads * out.shape[-1])
@@ -205,17 +245,83 @@ class NearbyAttentionHandle:
     options: _NearbyOptions
     originals: List[Tuple[nn.Module, Any]] = field(default_factory=list)
     hook: Any = None
+    cp_hooks: List[Any] = field(default_factory=list)
 
     def remove(self) -> None:
         for module, processor in self.originals:
             module.set_processor(processor)
         if self.hook is not None:
             self.hook.remove()
-        self.originals, self.hook = [], None
+        for h in self.cp_hooks:
+            h.remove()
+        self.originals, self.hook, self.cp_hooks = [], None, []
+
+
+def _wan_context_parallel(model: nn.Module, state: _GridState) -> List[Any]:
+    """Hooks that run a ``WanTransformer3DModel`` context-parallel (every rank gets the whole input):
+    the rotary tables, per-token timestep embeddings (Wan 2.2 TI2V) and the patch tokens entering the
+    first block are cut to this rank's shard, everything token-wise then runs on the shard, and the
+    output projection's tokens are gathered back into the whole grid (as diffusers' ``_cp_plan``
+    splits and gathers, but along frames or rows so that the attention exchanges only a halo). Every
+    parameter's gradient is then this rank's share (sum across ranks, as data parallelism does)."""
+    from nuwa_kernels.distributed import gather_shards
+
+    def is_global(t) -> bool:
+        return isinstance(t, Tensor) and t.dim() >= 2 and t.shape[1] == math.prod(state.require())
+
+    def cut_rope(mod, args, out):
+        return tuple(state.take(t, 1) for t in out)
+
+    def cut_timesteps(mod, args, kwargs, out):
+        # (temb, timestep_proj, ...): per-token ones are (B, N, ...) with Wan 2.2 TI2V
+        return tuple(state.take(t, 1) if i < 2 and t is not None and t.dim() == 3 and is_global(t) else t
+                     for i, t in enumerate(out))
+
+    def cut_tokens(mod, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if not is_global(hidden):
+            return None
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": state.take(hidden, 1)}
+        return (state.take(hidden, 1), *args[1:]), kwargs
+
+    def gather(mod, args, out):
+        full = gather_shards(out.unflatten(1, state.local), 1 + state.axis, state.group, state.lengths)
+        return full.flatten(1, 3)
+
+    return [
+        model.rope.register_forward_hook(cut_rope),
+        model.condition_embedder.register_forward_hook(cut_timesteps, with_kwargs=True),
+        model.blocks[0].register_forward_pre_hook(cut_tokens, with_kwargs=True),
+        model.proj_out.register_forward_hook(gather),
+    ]
+
+
+def _validate_options(kernel_size, border, backend) -> None:
+    """Refuse bad options when the processors are installed, not at the first forward: the package's
+    own checks (``TypeError`` / ``ValueError`` naming the argument)."""
+    from nuwa_kernels.window import BORDERS, normalize_kernel_size
+
+    normalize_kernel_size(kernel_size, (1, 1, 1))  # the grid only resolves None; any grid validates
+    if not isinstance(border, str) or border not in BORDERS:
+        raise ValueError(f"border must be one of {BORDERS}; got {border!r}")
+    from nuwa_kernels.backends import BACKEND_NAMES
+
+    backends = ("auto",) + BACKEND_NAMES
+    if not isinstance(backend, str) or backend not in backends:
+        raise ValueError(f"backend must be one of {backends}; got {backend!r}")
 
 
 def apply_nearby_attention(
-    model: nn.Module, kernel_size=3, border: str = "truncate", backend: str = "auto"
+    model: nn.Module,
+    kernel_size=3,
+    border: str = "truncate",
+    backend: str = "auto",
+    *,
+    stride=1,
+    dilation=1,
+    process_group=None,
+    shard_axis: int = 0,
 ) -> NearbyAttentionHandle:
     """Route the video self-attention of a diffusers 3D video transformer to ``nuwa_kernels``.
 
@@ -225,6 +331,13 @@ def apply_nearby_attention(
             axes, or ``None`` on an axis for the whole axis (``None`` everywhere = the original model).
         border: ``"truncate"`` (NÜWA) or ``"shift"`` (NATTEN, every query sees a full window).
         backend: ``nuwa_kernels`` backend.
+        stride, dilation: ``nuwa_kernels`` stride and dilation (contract section 3a), int or per axis.
+        process_group: a ``torch.distributed`` group to run the model context-parallel over (Wan):
+            every rank passes the same whole input; each rank runs the blocks on its shard of the latent
+            grid along ``shard_axis`` (0 = frames, 1 = rows; even shards), the attention exchanges only
+            the window's halo with the neighbouring ranks, and the output is gathered, so every rank
+            returns the whole output. Launch with ``torchrun`` (docs/distributed.md).
+        shard_axis: the latent grid axis sharded with ``process_group``.
 
     Returns:
         a :class:`NearbyAttentionHandle`; ``handle.remove()`` undoes the change.
@@ -233,7 +346,13 @@ def apply_nearby_attention(
     if name not in _MODELS:
         raise TypeError(f"apply_nearby_attention supports {sorted(_MODELS)}; got {name}")
     grid_of, modules_of, processor_cls = _MODELS[name]
-    state, options = _GridState(), _NearbyOptions(kernel_size, border, backend)
+    _validate_options(kernel_size, border, backend)
+    if process_group is not None and name != "WanTransformer3DModel":
+        raise ValueError(f"process_group (context parallelism) supports WanTransformer3DModel; got {name}")
+    if shard_axis not in (0, 1):
+        raise ValueError(f"shard_axis must be 0 (frames) or 1 (rows); got {shard_axis!r}")
+    state = _GridState(group=process_group, axis=shard_axis)
+    options = _NearbyOptions(kernel_size, border, backend, stride, dilation)
     handle = NearbyAttentionHandle(model, state, options)
     for module in modules_of(model):
         handle.originals.append((module, module.processor))
@@ -242,6 +361,13 @@ def apply_nearby_attention(
     def record_grid(mod, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         state.grid = grid_of(mod, hidden)
+        if state.group is not None:
+            from nuwa_kernels.distributed import even_shard_lengths
+            import torch.distributed as dist
+
+            state.lengths = even_shard_lengths(state.grid[state.axis], dist.get_world_size(state.group))
 
     handle.hook = model.register_forward_pre_hook(record_grid, with_kwargs=True)
+    if process_group is not None:
+        handle.cp_hooks = _wan_context_parallel(model, state)
     return handle
