@@ -74,19 +74,56 @@ def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
         ctx.args = tuple(list(a) if isinstance(a, (list, tuple)) else a for a in inputs[3:])
 
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, out, lse = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: differentiable recomputation (exact 2nd order)
-            return (*_differentiable_backward(query, key, value, grad_out, grad_lse, ctx.args),) + (None,) * len(ctx.args)
-        acc = lse.dtype
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
-        if grad_lse is not None:
-            delta = delta - grad_lse.to(acc)
-        dq, dk, dv = bwd_op(grad_out, query, key, value, lse, delta, *ctx.args)
-        return (dq, dk, dv) + (None,) * len(ctx.args)
+        return _backward(bwd_op, ctx.saved_tensors, ctx.args, grad_out, grad_lse) + (None,) * len(ctx.args)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+
+
+def _backward(bwd_op, saved, args, grad_out, grad_lse) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of one op pair: the fused ``bwd`` op, or under grad mode (``create_graph=True``) a
+    differentiable recomputation (exact second order)."""
+    query, key, value, out, lse = saved
+    if torch.is_grad_enabled():
+        return tuple(_differentiable_backward(query, key, value, grad_out, grad_lse, args))
+    acc = lse.dtype
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc)
+    return tuple(bwd_op(grad_out, query, key, value, lse, delta, *args))
+
+
+class _EagerCall(torch.autograd.Function):
+    """Eager-mode autograd of an op pair, without the registered-autograd wrapper of ``torch.library``
+    (which costs tens of microseconds a call on the host path). The same :func:`_backward`; under
+    ``torch.compile`` the registered op is used instead (see :func:`call`)."""
+
+    @staticmethod
+    def forward(ctx, fwd_op, bwd_op, query, key, value, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, lse = fwd_op(query, key, value, *args)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.bwd_op, ctx.args = bwd_op, args
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.args, grad_out, grad_lse)
+        return (None, None) + grads + (None,) * len(ctx.args)
+
+
+def call(fwd_op, bwd_op, query: Tensor, key: Tensor, value: Tensor, *args) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of a registered op pair, differentiable: the registered op while compiling (fake
+    kernels, traceable autograd), a lean eager path otherwise (no autograd work when no input needs
+    gradients)."""
+    if torch.compiler.is_compiling():
+        return fwd_op(query, key, value, *args)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return _EagerCall.apply(fwd_op, bwd_op, query, key, value, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return fwd_op(query, key, value, *args)
 
 
 def _differentiable_backward(query, key, value, grad_out, grad_lse, args):

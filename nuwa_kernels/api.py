@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import os
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .backends import BACKEND_NAMES, get_backend, select_backend
+from .backends import BACKEND_NAMES, ENV_VAR, get_backend, select_backend
 from .window import (
     CausalArg,
     IntTriple,
@@ -23,6 +24,7 @@ from .window import (
     WindowSpec,
     dilation_groups,
     _is_int,
+    _sig,
     make_window_spec,
     normalize_dilation,
     spec_and_dilation,
@@ -194,17 +196,49 @@ def _run(module, query, key, value, spec: WindowSpec, scale: float, autocast_dev
     return module.forward(query, key, value, spec, scale)
 
 
+# Validated plans of plain calls (no slab, no additional keys), keyed on everything validation and
+# backend choice read: shapes, dtypes, devices and the semantic arguments. A repeated call (a model's
+# layers, a training loop) then costs one dictionary lookup on the host path.
+_PLANS: Dict[tuple, tuple] = {}
+_PLANS_MAX = 1024
+
+
+def _plan_key(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation):
+    if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
+        return None  # tensor subclasses (fake, functional) are validated every time
+    try:
+        k = (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
+             value.device, _sig(kernel_size), _sig(causal), border, _sig(scale), backend, _sig(stride),
+             _sig(dilation), os.environ.get(ENV_VAR))
+        hash(k)
+    except TypeError:
+        return None
+    return k
+
+
 def _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
             additional_keys, additional_values, slab, autocast_dev) -> Tuple[Tensor, Tensor]:
     """The op on grid-layout tensors: validation, dilation groups, additional keys; ``(out, lse)``."""
-    _check_tensors(query, key, value, "grid")
-    _check_shapes(query, key, value)
-    slab = _check_slab(slab, query, key)
-    spec, dil = spec_and_dilation(query.shape[1:4], key.shape[1:4], kernel_size, causal, border, stride, dilation,
-                                  slab)
-    extra = _check_additional(additional_keys, additional_values, key, value)
-    scale = _resolve_scale(scale, query.shape[-1])
-    module = select_backend(backend, query, key, value, spec)
+    plain = slab is None and additional_keys is None and additional_values is None
+    pkey = _plan_key(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation) \
+        if plain and not torch.compiler.is_compiling() else None
+    plan = _PLANS.get(pkey) if pkey is not None else None
+    if plan is not None:
+        spec, dil, scale, module = plan
+        extra = False
+    else:
+        _check_tensors(query, key, value, "grid")
+        _check_shapes(query, key, value)
+        slab = _check_slab(slab, query, key)
+        spec, dil = spec_and_dilation(query.shape[1:4], key.shape[1:4], kernel_size, causal, border, stride,
+                                      dilation, slab)
+        extra = _check_additional(additional_keys, additional_values, key, value)
+        scale = _resolve_scale(scale, query.shape[-1])
+        module = select_backend(backend, query, key, value, spec)
+        if pkey is not None:
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.clear()
+            _PLANS[pkey] = (spec, dil, scale, module)
     if query.numel() == 0:
         return _empty_result(query, key, value, additional_keys, additional_values)
     if dil == (1, 1, 1):

@@ -166,4 +166,4 @@ FWD_OP, BWD_OP = _ops.define_python_ops("reference", _fwd_impl, _bwd_impl)
 
 def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: float) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` through ``nuwa_kernels::reference_fwd`` (differentiable)."""
-    return FWD_OP(query, key, value, *_ops.spec_op_args(spec), scale)
+    return _ops.call(FWD_OP, BWD_OP, query, key, value, *_ops.spec_op_args(spec), scale)
