@@ -174,12 +174,21 @@ def axial_pairs(grid: Sequence[int], causal: Causal) -> int:
     return total
 
 
+#: Useful FLOPs per allowed (query, key) pair and head-dim element. Forward: ``S = QK^T`` and ``O = PV``,
+#: one multiply-add (2 FLOPs) per element each. Backward: ``dV = P^T dO``, ``dP = dO V^T``, ``dQ = dS K``
+#: and ``dK = dS^T Q``. Recomputing ``S`` in the backward (what FlashAttention-style kernels do instead of
+#: storing ``P``) is not required by the op, so it is not counted: forward + backward is 3x the forward
+#: (FlashAttention's papers count 3.5x; multiply our fwd+bwd figures by 7/6 to compare).
+FWD_FLOPS_PER_PAIR_DIM = 4
+BWD_FLOPS_PER_PAIR_DIM = 8
+
+
 def attention_flops(pairs: int, head_dim: int, heads: int, batch: int, backward: bool) -> float:
-    """Useful FLOPs: ``4 * D`` per pair (``QK^T`` and ``PV``, a multiply-add each) for the forward;
-    forward + backward counts ``3.5x`` that (the backward's five ``D``-long products: ``QK^T``
-    recomputed, ``dP = dO V^T``, ``dV``, ``dQ``, ``dK``), FlashAttention's convention."""
-    fwd = 4.0 * head_dim * pairs * heads * batch
-    return fwd * 3.5 if backward else fwd
+    """Useful FLOPs of one call: ``4 * D`` per allowed pair forward, ``(4 + 8) * D`` forward + backward
+    (see :data:`FWD_FLOPS_PER_PAIR_DIM`), times ``heads * batch``. ``pairs`` counts only the pairs the
+    function's semantics allow, never the masked-out pairs an implementation may also compute."""
+    per = FWD_FLOPS_PER_PAIR_DIM + (BWD_FLOPS_PER_PAIR_DIM if backward else 0)
+    return float(per) * head_dim * pairs * heads * batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,18 +225,24 @@ def tiny_cases(device: str = "cpu") -> List[Case]:
 
 
 def quick_cases(device: str = "cpu") -> List[Case]:
-    """The README's default run: NÜWA's image and video grids, each mode once (about 3 minutes on a
-    2-core CPU; FlexAttention, NATTEN and nuwa-pytorch only on the video 3x3x3 forward case)."""
+    """The README's default run (``make bench``): NÜWA's image and video grids, forward and forward +
+    backward for the image (1, 3, 3), video (3, 3, 3) and (7, 7, 7) windows, non-causal and raster-causal,
+    frame-causal (3, 3, 3) forward, and the (1, 3, 3) window on the video grid (a few minutes on a 2-core
+    CPU; the slow peers only on the video 3x3x3 forward case)."""
     if device == "cpu":
         dt = "float32"
-        return [
-            Case("nuwa-image", IMAGE, (1, 3, 3), False, dtype=dt),
-            Case("nuwa-video", VIDEO, (3, 3, 3), False, dtype=dt, peers=True),
-            Case("nuwa-video", VIDEO, (3, 3, 3), False, dtype=dt, backward=True),
-            Case("nuwa-video", VIDEO, (3, 3, 3), True, dtype=dt),
-            Case("nuwa-video", VIDEO, (3, 3, 3), FRAME_CAUSAL, dtype=dt),
-            Case("nuwa-video", VIDEO, (7, 7, 7), False, dtype=dt),
-        ]
+        both = (False, True)
+        cases = _grid_cases("nuwa-image", IMAGE, [(1, 3, 3)], [False], [dt], both)
+        # the image window on the video grid: the kernel's sustained rate on (1, 3, 3), which the
+        # 441-token image grid (a fraction of a millisecond per call) cannot show
+        cases += _grid_cases("nuwa-video", VIDEO, [(1, 3, 3)], [False], [dt], both)
+        for w in ((3, 3, 3), (7, 7, 7)):
+            for causal in (False, True):
+                for bwd in both:
+                    peers = (w, causal, bwd) == ((3, 3, 3), False, False)
+                    cases.append(Case("nuwa-video", VIDEO, w, causal, dtype=dt, backward=bwd, peers=peers))
+        cases.append(Case("nuwa-video", VIDEO, (3, 3, 3), FRAME_CAUSAL, dtype=dt))
+        return cases
     dt = "bfloat16"
     # FlexAttention compiles twice per case (check + timed shape; about 20-40 s each on a GPU host):
     # peers run on three cases so that the GPU quick run stays within a few minutes.
@@ -314,14 +329,18 @@ def sweep_cases(mode: str, device: str = "cpu") -> List[Case]:
     return [Case("sweep", g, (3, 3, 3), False, dtype=dtype, **kw) for g in sweep_grids(mode, device)]
 
 
+def _case_matches(case: Case, pattern: str) -> bool:
+    parts = [part for part in pattern.split("+") if part]
+    return bool(parts) and all(part in case.name for part in parts)
+
+
+def unmatched_patterns(cases: Sequence[Case], patterns: Sequence[str]) -> List[str]:
+    """The ``--cases`` entries that select none of ``cases`` (the CLI refuses them)."""
+    return [p for p in patterns if not any(_case_matches(c, p) for c in cases)]
+
+
 def select(cases: Sequence[Case], patterns: Optional[Sequence[str]]) -> List[Case]:
     """Cases whose name contains every comma-free pattern of any one ``--cases`` entry (``a+b`` = and)."""
     if not patterns:
         return list(cases)
-    out = []
-    for c in cases:
-        for p in patterns:
-            if all(part in c.name for part in p.split("+")):
-                out.append(c)
-                break
-    return out
+    return [c for c in cases if any(_case_matches(c, p) for p in patterns)]

@@ -357,6 +357,9 @@ class MaskedSDPA(Provider):
     name = "masked-sdpa"
     family = "masked"
     note = "dense SDPA with the N x N boolean window mask"
+    #: As slow as full attention or slower (the mask adds work, the backward takes SDPA's math path on
+    #: the CPU): only on the peers cases.
+    slow = True
 
     def __init__(self, max_tokens_cpu: int = 8192, max_tokens_gpu: int = 32768):
         self.max_tokens = {"cpu": max_tokens_cpu, "cuda": max_tokens_gpu}
@@ -702,8 +705,26 @@ def all_providers(device: str, allow_interpreter: bool = False) -> List[Provider
     return provs
 
 
+def _matches(p: Provider, pattern: str) -> bool:
+    return p.name == pattern or p.family == pattern or p.name.startswith(pattern)
+
+
 def select_providers(provs: Sequence[Provider], patterns: Optional[Sequence[str]]) -> List[Provider]:
     """Providers whose name or family matches one of ``patterns`` (exact, or a prefix)."""
     if not patterns:
         return list(provs)
-    return [p for p in provs if any(p.name == s or p.family == s or p.name.startswith(s) for s in patterns)]
+    return [p for p in provs if any(_matches(p, s) for s in patterns)]
+
+
+def unknown_provider_patterns(provs: Sequence[Provider], patterns: Sequence[str]) -> List[str]:
+    """The ``--providers`` entries that select none of ``provs`` (the CLI refuses them)."""
+    return [s for s in patterns if not any(_matches(p, s) for p in provs)]
+
+
+def provider_names() -> List[str]:
+    """Every provider name and family on any device (for error messages)."""
+    out = set()
+    for device in ("cpu", "cuda"):
+        for p in all_providers(device):
+            out |= {p.name, p.family}
+    return sorted(out)

@@ -33,8 +33,10 @@ def header(meta: Dict) -> str:
         "",
         f"- date (UTC): {meta['date_utc']}; git commit: {git.get('commit') or '?'}"
         + (" (with uncommitted changes)" if git.get("dirty") else ""),
-        f"- device: {meta['device']}, {meta['device_name']}; torch threads: {meta['threads']} "
-        f"(of {meta['cpu_count']} CPUs); load average (1, 5, 15 min) at start: "
+        f"- device: {meta['device']}, {meta['device_name']}; torch threads: {meta['threads']}"
+        + (f" ({meta['threads_source']})" if meta.get("threads_source") else "")
+        + f", {meta.get('physical_cores', '?')} physical cores, {meta['cpu_count']} logical CPUs; "
+        f"load average (1, 5, 15 min) at start: "
         f"{_load(meta.get('load_average'))}, at end: {_load(meta.get('load_average_end'))}",
         f"- versions: {vers}",
         f"- command: `{meta.get('command', '')}`",
@@ -43,16 +45,23 @@ def header(meta: Dict) -> str:
         lines.insert(1, "\n**Partial results: the run had not finished when this was written.**")
     mm = meta.get("matmul")
     if mm:
+        runs = meta.get("matmul_runs") or [mm]
         lines.append(
-            f"- roofline ceiling: torch.mm {mm['n']}x{mm['n']} {mm['dtype']} in this process: "
-            f"{mm['gflops']:.1f} GFLOP/s (the better of a measurement at the start and at the end)"
+            f"- GEMM ceiling: torch.mm {mm['dtype']} in this process, {mm['gflops']:.1f} GFLOP/s "
+            f"({mm['n']}x{mm['n']}; the best of {len(runs)} measurements at the start, after each case "
+            f"and at the end, each the fastest repetition on "
+            + "/".join(mm.get("by_size", {str(mm["n"]): 0}))
+            + " squares)"
         )
     lines.append(
-        "- time: median over repetitions after warm-up; speedup: the fastest full-attention row that "
-        "passed its check divided by this row; useful GFLOP/s counts only the pairs the row's function "
-        "allows "
-        "(4·D per pair forward, 3.5x that forward+backward); peak mem: extra memory at the call's peak "
-        "beyond its inputs ("
+        "- **median ms**: median over repetitions after warm-up. **speedup vs full**: the fastest "
+        "full-attention row of the case that passed its check (SDPA; `is_causal=True` for causal cases) "
+        "divided by this row. **useful GFLOP/s**: FLOPs the row's own function requires, over its "
+        "median time: 4·D per allowed (query, key) pair and head forward (QKᵀ and PV), 12·D forward + "
+        "backward (adds dV, dP, dQ, dK; the recomputation of QKᵀ that fused kernels do is not counted); "
+        "allowed pairs are the window's for nearby rows, N² (N(N+1)/2 causal) for full attention, never "
+        "the masked-out pairs a kernel also computes. **% of mm**: useful GFLOP/s over the GEMM ceiling. "
+        "**peak mem**: extra memory at the call's peak beyond its inputs ("
         + ("CUDA allocator peak" if meta["device"] == "cuda" else "process RSS peak")
         + ")."
     )
@@ -61,15 +70,7 @@ def header(meta: Dict) -> str:
 
 def roofline_line(meta: Dict, rows: List[Dict]) -> Optional[str]:
     mm = meta.get("matmul")
-    near = [
-        r
-        for r in rows
-        if r.get("family") == "nearby"
-        and r.get("status") == "ok"
-        and "useful_gflops" in r
-        and r["provider"] != "nearby-reference"
-        and not r["provider"].endswith("-shift")
-    ]
+    near = [r for r in _own_nearby(rows) if "useful_gflops" in r]
     if not mm or not near:
         return None
     best = max(near, key=lambda r: r["useful_gflops"])
@@ -159,6 +160,101 @@ def sweep_table(sweep: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def _own_nearby(rows: List[Dict]) -> List[Dict]:
+    """Checked nearby rows with the case's own semantics: not the oracle, not the border="shift" rows."""
+    return [
+        r
+        for r in rows
+        if r.get("family") == "nearby"
+        and r.get("status") == "ok"
+        and r["provider"] != "nearby-reference"
+        and not r["provider"].endswith("-shift")
+    ]
+
+
+def _short_case(c: Dict) -> str:
+    grid = "x".join(map(str, c["grid"]))
+    win = ",".join(map(str, c["kernel_size"]))
+    kind = c["label"].replace("nuwa-", "")
+    extra = "" if (c["heads"], c["head_dim"], c["batch"]) == (8, 64, 1) else (
+        f", b{c['batch']} h{c['heads']} d{c['head_dim']}"
+    )
+    return f"{kind} {grid}, ({win}), {c['causal']}, {c['dtype']}{extra}"
+
+
+def gemm_table(meta: Dict, cases: List[Dict], rows: List[Dict]) -> Optional[str]:
+    """Per case (grid, window, causal mode, dtype): the fastest nearby backend's time, useful GFLOP/s,
+    share of the GEMM ceiling and speedup over full attention, forward and forward + backward side by
+    side."""
+    mm = (meta.get("matmul") or {}).get("gflops")
+    groups: Dict[tuple, Dict[str, Dict]] = {}
+    order: List[tuple] = []
+    for c in cases:
+        key = (_short_case(c), c["border"])
+        if key not in groups:
+            groups[key] = {}
+            order.append(key)
+        groups[key][c["direction"]] = c
+    lines = [
+        "## Nearby attention against the GEMM ceiling and full attention",
+        "",
+        "The fastest checked nearby backend per case. GFLOP/s are useful FLOPs (4·D per allowed pair "
+        "forward, 12·D forward + backward); % of mm is their share of the torch.mm ceiling"
+        + (f" ({mm:.1f} GFLOP/s)" if mm else "")
+        + "; speedup is over full attention (causal SDPA for the causal cases), same process.",
+        "",
+        "| case | backend | fwd ms | fwd GFLOP/s | fwd % of mm | fwd speedup "
+        "| fwd+bwd ms | fwd+bwd GFLOP/s | fwd+bwd % of mm | fwd+bwd speedup |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    any_row = False
+    for key in order:
+        cells, backends = [], []
+        for direction in ("fwd", "fwd+bwd"):
+            c = groups[key].get(direction)
+            near = _own_nearby([r for r in rows if c and r["case"] == c["name"]])
+            if not near:
+                cells += ["–"] * 4
+                continue
+            any_row = True
+            best = min(near, key=lambda r: r["median_ms"])
+            backends.append(best["provider"].replace("nearby-", ""))
+            cells += [
+                _ms(best["median_ms"]),
+                _f(best.get("useful_gflops"), "{:.1f}"),
+                _f(best.get("frac_of_mm") and 100 * best["frac_of_mm"], "{:.0f}%"),
+                _f(best.get("speedup_vs_full"), "{:.1f}x"),
+            ]
+        name = key[0] + ("" if key[1] == "truncate" else f", border={key[1]}")
+        lines.append(f"| {name} | {'/'.join(dict.fromkeys(backends)) or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if any_row else None
+
+
+def over_ceiling_note(rows: List[Dict]) -> Optional[str]:
+    """A warning when a row's useful rate exceeds the GEMM ceiling (a disturbed measurement)."""
+    over = sorted({r["provider"] for r in rows if (r.get("frac_of_mm") or 0) > 1.0})
+    if not over:
+        return None
+    return (
+        "**Warning**: rows of " + ", ".join(over) + " exceed 100% of the GEMM ceiling, which no "
+        "attention kernel can: the machine was busy during a measurement. Rerun on a quiet machine."
+    )
+
+
+def load_note(meta: Dict) -> Optional[str]:
+    """A warning when the 1-minute load average at the start or the end exceeds the cores + 1: other
+    work competed for the cores, so times are inflated and the GEMM ceiling may read low."""
+    cores = meta.get("physical_cores") or meta.get("cpu_count")
+    loads = [la[0] for la in (meta.get("load_average"), meta.get("load_average_end")) if la]
+    if meta.get("device") != "cpu" or not cores or not loads or max(loads) <= cores + 1:
+        return None
+    return (
+        f"**Warning**: the load average reached {max(loads):.1f} on {cores} cores: other work competed "
+        "for the CPU during this run, so times and shares of the GEMM ceiling are unreliable. Rerun on a "
+        "quiet machine before quoting them."
+    )
+
+
 def summary_table(cases: List[Dict], rows: List[Dict]) -> Optional[str]:
     """One line per case: the fastest checked nearby row, the full-attention baseline, the fastest
     other checked row (axial, masked, Flex, NATTEN, nuwa-pytorch)."""
@@ -171,13 +267,7 @@ def summary_table(cases: List[Dict], rows: List[Dict]) -> Optional[str]:
     any_row = False
     for c in cases:
         rs = [r for r in rows if r["case"] == c["name"] and r.get("status") == "ok"]
-        near = [  # the case's own semantics: not the oracle, not the border="shift" rows
-            r
-            for r in rs
-            if r["family"] == "nearby"
-            and r["provider"] != "nearby-reference"
-            and not r["provider"].endswith("-shift")
-        ]
+        near = _own_nearby(rs)
         if not near:
             continue
         any_row = True
@@ -198,6 +288,12 @@ def markdown(meta: Dict, cases: List[Dict], rows: List[Dict], sweep: List[Dict])
     rl = roofline_line(meta, rows)
     if rl:
         parts += [rl, ""]
+    for note in (load_note(meta), over_ceiling_note(rows + sweep)):
+        if note:
+            parts += [note, ""]
+    gemm = gemm_table(meta, cases, rows)
+    if gemm:
+        parts += [gemm, ""]
     summ = summary_table(cases, rows)
     if summ:
         parts += [summ, ""]

@@ -105,7 +105,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         default=None,
         help="file stem of the outputs (default: the mode): to split a long run into several commands",
     )
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: one per physical core; --tiny: 1); recorded in the results",
+    )
     ap.add_argument("--no-sweep", action="store_true", help="skip the scaling sweep")
     ap.add_argument("--no-plots", action="store_true", help="write no PNGs")
     ap.add_argument(
@@ -124,12 +129,55 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _split(arg: Optional[str]) -> Optional[List[str]]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``; ``None`` -> ``None``."""
+    if arg is None:
+        return None
+    return [s.strip() for s in arg.split(",") if s.strip()]
+
+
+def _reject(option: str, bad: List[str], valid: List[str], hint: str = "") -> int:
+    """Print why ``option`` was refused and the valid names; the CLI's exit status 2 (a usage error)."""
+    print(
+        f"python -m benchmarks.run: error: {option}: unknown "
+        + ("name" if len(bad) == 1 else "names")
+        + " "
+        + ", ".join(repr(b) for b in bad)
+        + (f" ({hint})" if hint else "")
+        + f"\nvalid {option} names:\n  "
+        + "\n  ".join(valid),
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _threads_for(args) -> int:
+    """``--threads``, else 1 for ``--tiny`` (tiny ops: one thread avoids OpenMP stalls), else one per
+    physical core."""
+    from .measure import physical_cores
+
+    if args.threads is not None:
+        return args.threads
+    return 1 if args.mode == "tiny" else physical_cores()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit status (2: a usage error, such as an unknown name). The
+    process's torch thread count is restored on return (the function is also called in-process)."""
+    before = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif args.mode == "tiny":
-        torch.set_num_threads(1)  # tiny ops on a loaded machine: one thread avoids OpenMP stalls
+    if args.threads is not None and args.threads < 1:
+        print(f"python -m benchmarks.run: error: --threads must be >= 1; got {args.threads}", file=sys.stderr)
+        return 2
+    threads = _threads_for(args)
+    torch.set_num_threads(threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
@@ -141,18 +189,48 @@ def main(argv: Optional[List[str]] = None) -> int:
         tqdm = _NoBar
 
     from . import measure, report
-    from .cases import CASE_SETS, select, sweep_cases
-    from .providers import all_providers, select_providers
+    from .cases import CASE_SETS, select, sweep_cases, unmatched_patterns
+    from .providers import all_providers, provider_names, select_providers, unknown_provider_patterns
     from .runner import Settings, run_case
 
     mode = args.mode
-    cases = select(CASE_SETS[mode](device), args.cases.split(",") if args.cases else None)
-    provs = select_providers(
-        all_providers(device, args.allow_interpreter), args.providers.split(",") if args.providers else None
-    )
-    sweep = [] if args.no_sweep else sweep_cases(mode, device)
-    if args.cases:
-        sweep = select(sweep, args.cases.split(","))
+    case_pats, prov_pats = _split(args.cases), _split(args.providers)
+    all_cases, all_sweep = CASE_SETS[mode](device), sweep_cases(mode, device)
+    if case_pats is not None:
+        bad = unmatched_patterns(all_cases + all_sweep, case_pats)
+        if bad or not case_pats:
+            return _reject(
+                "--cases",
+                bad or [args.cases],
+                [c.name for c in all_cases + all_sweep],
+                f"substrings of the --{mode} case names on {device}; 'a+b' needs both",
+            )
+    if prov_pats is not None:
+        device_provs = all_providers(device, args.allow_interpreter)
+        bad = unknown_provider_patterns(device_provs, prov_pats)
+        if bad or not prov_pats:
+            known = provider_names()
+            return _reject(
+                "--providers",
+                bad or [args.providers],
+                sorted({p.name for p in device_provs} | {p.family for p in device_provs}),
+                "names, families or name prefixes"
+                + (
+                    f"; not on {device}: {', '.join(repr(b) for b in bad if b in known)}"
+                    if any(b in known for b in bad)
+                    else ""
+                ),
+            )
+    cases = select(all_cases, case_pats)
+    provs = select_providers(all_providers(device, args.allow_interpreter), prov_pats)
+    sweep = [] if args.no_sweep else select(all_sweep, case_pats)
+    if not cases and not sweep:
+        print(
+            "python -m benchmarks.run: error: nothing to run (--cases selects only sweep grids and "
+            "--no-sweep drops them)",
+            file=sys.stderr,
+        )
+        return 2
     sweep_provs = [  # full, axial and the fused nearby backends (not the oracle, not the shift variants)
         p
         for p in provs
@@ -176,11 +254,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_start = time.time()
     meta = measure.environment(device, ROOT)
     meta["mode"] = mode
+    meta["threads_source"] = (
+        "--threads"
+        if args.threads is not None
+        else "--tiny default (1)"
+        if mode == "tiny"
+        else "default: one per physical core"
+    )
     meta["command"] = "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv)
     mm_dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    meta["matmul"] = measure.matmul_rate(
-        device, mm_dtype, n=512 if mode == "tiny" else None, budget_s=0.2 if mode == "tiny" else 1.0
-    )
+
+    def mm_rate(budget_s: float) -> dict:
+        return measure.matmul_rate(device, mm_dtype, n=512 if mode == "tiny" else None, budget_s=budget_s)
+
+    # The ceiling is measured at the start, briefly after every case and at the end; the best of all
+    # counts, so that one measurement disturbed by load cannot inflate the "% of mm" column.
+    meta["matmul"] = mm_rate(0.2 if mode == "tiny" else 1.0)
+    meta["matmul_runs"] = [meta["matmul"]]
     mm = meta["matmul"]["gflops"]
     print(
         f"[benchmarks] {meta['device_name']}, {meta['threads']} threads, torch {torch.__version__}; "
@@ -206,6 +296,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         for c in cases:
             rows += run_case(c, provs, st, gate, progress, mm, reuse)
+            if mode != "tiny":
+                meta["matmul_runs"].append(mm_rate(0.3))
             bar.update(len(provs))
             checkpoint()
         for c in sweep:
@@ -216,10 +308,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             checkpoint()
     meta["partial"] = False
     # The ceiling again at the end (the machine's load may have changed); the larger one counts.
-    mm_end = measure.matmul_rate(
-        device, mm_dtype, n=512 if mode == "tiny" else None, budget_s=0.2 if mode == "tiny" else 1.0
-    )
-    meta["matmul_runs"] = [meta["matmul"], mm_end]
+    meta["matmul_runs"].append(mm_rate(0.2 if mode == "tiny" else 1.0))
     meta["matmul"] = max(meta["matmul_runs"], key=lambda m: m["gflops"])
     for r in rows + sweep_rows:
         if "useful_gflops" in r:

@@ -135,3 +135,126 @@ def test_gate_refuses_a_wrong_provider():
     assert bad["status"] == "check failed" and not bad["check"]["ok"]
     assert "speedup_vs_full" not in bad
     assert rows["nearby-reference"]["status"] == "ok" and rows["nearby-reference"]["speedup_vs_full"] > 0
+
+
+@pytest.mark.parametrize(
+    "argv,valid",
+    [
+        (["--providers", "nosuch"], "nearby-cpu"),
+        (["--providers", "nearby-cpu,nosuch"], "full-sdpa"),
+        (["--cases", "nosuch"], "nuwa-video-10x21x21-w3x3x3-noncausal-fwd-float32"),
+        (["--cases", "video+nosuch"], "nuwa-image-1x21x21-w1x3x3-noncausal-fwd-float32"),
+        (["--providers", ","], "axial-sdpa"),
+    ],
+    ids=["provider", "one-bad-provider", "case", "case-and", "empty"],
+)
+def test_cli_rejects_unknown_names(argv, valid, capsys):
+    """A typo in a name list is a usage error (exit 2) whose message lists the valid names, not an
+    exit 0 with empty tables."""
+    rc = run.main(["--device", DEVICE, "--list", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "unknown" in err and valid in err
+
+
+def test_cli_typo_exits_nonzero_in_a_subprocess():
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--device", DEVICE, "--cases", "vidoe"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "'vidoe'" in proc.stderr and "valid --cases names" in proc.stderr
+
+
+def test_default_threads_one_per_core(tmp_path, monkeypatch):
+    """Without --threads a (non-tiny) run uses one thread per physical core and records it, with the
+    CPU model, in the JSON and the Markdown."""
+    from benchmarks import measure
+
+    before = torch.get_num_threads()
+    try:
+        rc = run.main(
+            [
+                "--quick", "--device", DEVICE, "--out", str(tmp_path), "--providers", "nearby-cpu",
+                "--cases", "nuwa-image+fwd-", "--no-sweep", "--no-plots", "--no-memory", "--budget", "0.01",
+            ]
+        )
+        assert rc == 0
+        meta = json.loads((tmp_path / "quick.json").read_text())["meta"]
+        assert meta["threads"] == measure.physical_cores()
+        assert torch.get_num_threads() == before  # restored when main returns
+        assert meta["threads_source"].startswith("default")
+        assert meta["cpu_model"] == measure.cpu_model()
+        md = (tmp_path / "quick.md").read_text()
+        assert f"torch threads: {meta['threads']}" in md and meta["cpu_model"] in md
+        assert "against the GEMM ceiling" in md and "fwd % of mm" in md
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_useful_flops_convention():
+    """4·D per allowed pair forward; forward + backward adds dV, dP, dQ, dK (8·D), not the recomputed QKᵀ."""
+    from benchmarks.cases import attention_flops, full_pairs
+
+    assert attention_flops(10, 64, 8, 2, backward=False) == 4 * 64 * 10 * 8 * 2
+    assert attention_flops(10, 64, 8, 2, backward=True) == 12 * 64 * 10 * 8 * 2
+    assert full_pairs(4, False) == 16 and full_pairs(4, True) == 10
+
+
+def test_speedup_plot_layout():
+    """The legend lies outside the axes (it cannot hide bars), tick labels do not overlap, every
+    bar carries its value."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plots
+
+    provs = ["nearby-cpu", "axial-sdpa", "masked-sdpa", "flex", "natten", "nuwa-pytorch", "nearby-cpu-shift"]
+    cases, rows = [], []
+    for i, (grid, ks, causal) in enumerate(
+        [((1, 21, 21), (1, 3, 3), False), ((10, 21, 21), (3, 3, 3), False), ((10, 21, 21), (7, 7, 7), True)] * 3
+    ):
+        c = Case(f"nuwa-video{i}", grid, ks, causal, backward=i % 2 == 1).to_dict()
+        cases.append(c)
+        rows.append({"case": c["name"], "provider": "full-sdpa", "baseline": True, "speedup_vs_full": 1.0})
+        for j, p in enumerate(provs if i == 1 else provs[:2]):
+            rows.append({"case": c["name"], "provider": p, "speedup_vs_full": 0.1 * (j + 1) * (i + 1)})
+    meta = {"device_name": "test", "threads": 1, "versions": {"torch": torch.__version__}}
+    fig = plots.speedup_figure(meta, cases, rows)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        (ax,) = fig.axes
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.y1 <= ax.get_window_extent(renderer).y0, "the legend overlaps the axes"
+        labels = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+        assert len(labels) == len(cases)
+        for a, b in zip(labels, labels[1:]):
+            assert a.x1 <= b.x0, "tick labels overlap"
+        assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 7
+        n_bars = sum(1 for r in rows if not r.get("baseline"))
+        assert sum(len(c.datavalues) for c in ax.containers) == n_bars
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_report_flags_shares_above_the_ceiling():
+    """A useful rate above the GEMM ceiling cannot be real: the report says the machine was busy."""
+    from benchmarks import report
+
+    rows = [{"provider": "full-sdpa", "frac_of_mm": 1.32}, {"provider": "nearby-cpu", "frac_of_mm": 0.3}]
+    note = report.over_ceiling_note(rows)
+    assert note and "full-sdpa" in note and "nearby-cpu" not in note
+    assert report.over_ceiling_note(rows[1:]) is None
+
+
+def test_report_flags_a_busy_machine():
+    from benchmarks import report
+
+    meta = {"device": "cpu", "physical_cores": 2, "cpu_count": 2, "load_average": [1.2, 1, 1]}
+    assert report.load_note(dict(meta, load_average_end=[2.5, 2, 1])) is None
+    assert "10.8" in report.load_note(dict(meta, load_average_end=[10.8, 9, 5]))
