@@ -1,25 +1,48 @@
 #!/usr/bin/env python
-"""Compile every Triton kernel specialisation of nuwa_kernels ahead of time for CUDA sm_80 and sm_90.
+"""Compile every launch configuration of the Triton kernels ahead of time for sm_80 and sm_90, and
+read the cubins: registers, spills, local memory, shared memory, tensor-core instructions, loads.
 
-Runs without a GPU (``triton.compile`` on an ``ASTSource`` with ``GPUTarget("cuda", cc, 32)``) and
-catches what the interpreter lets through (tiny ``tl.dot`` tiles, type errors, unsupported ops).
-Exits non-zero, listing every failure, if any specialisation does not compile.
+Runs without a GPU (``triton.compile`` on an ``ASTSource`` with ``GPUTarget("cuda", cc, 32)``, the
+specialisation a real launch gets: 16-byte aligned pointers, unit head-dim strides, other strides
+multiples of 16) and then inspects each cubin with the ``cuobjdump`` that ships with Triton
+(``triton/backends/nvidia/bin``). It fails when a configuration
 
-Specialisations: every kernel (forward, dQ, dK/dV) x input dtype (float16, bfloat16, float32 with
-IEEE and with TF32 dots) x raster causality (on/off) x head-dim block (16..256) x every block shape
-the launchers can pick for that head dim x 32/64-bit strides, with the first autotune config; plus
-every autotune config (warps/stages) for one specialisation per kernel. ``--full`` crosses
-everything with every autotune config.
+* does not compile;
+* spills (``STACK`` > 0) or uses local memory (``LOCAL`` > 0, ``STL``/``LDL`` in the SASS), for head
+  dims up to 128 (D=256 is reported, not enforced: ``--strict-256`` enforces it too);
+* lacks ``wgmma`` (``HGMMA``) on sm_90 in float16/bfloat16 where the table promises it
+  (``LaunchConfig.mma == "wgmma"``: the large-window configs; the 16-row small-window configs run
+  ``mma.sync`` by design, since ``wgmma`` needs ``M >= 64``);
+* loads Q/K/V element by element (16-bit ``LDG``/``LDGSTS`` in half precision; in float32, no
+  128-bit loads at all) instead of 16-byte vectors;
+* uses TF32 in an IEEE float32 build.
 
-Usage: python scripts/triton_aot_check.py [--arch 80 90] [--jobs N] [--full] [--quick]
+Jobs: every entry the config table (``nuwa_kernels/backends/triton/config.py``) can return for
+D in {64, 128} x {float16, bfloat16, float32} x {fwd, dq, dkdv} x {sm_80, sm_90} x {small, large
+window}, each with the plain variant (no raster, no uniform bricks); ``--variants`` adds the raster
+and uniform (stride-aligned) variants, ``--head-dims 64 128 256`` other head dims.
+
+``--cubin-dir DIR`` writes every cubin as ``<kernel>-<dtype>-d<D>-sm<arch>-<config>.cubin``;
+``--table FILE`` writes the Markdown table (registers, spills, shared memory, tensor-core
+instruction, load width, compile time); ``--json FILE`` the same as JSON.
+
+``--ci``: bfloat16 and float32, D in {64, 128}, both architectures (48 compiles, about a minute with
+two workers). Works with triton 3.6 (the GPU machines) and 3.9 (CI).
+
+Usage: python scripts/triton_aot_check.py [--arch 80 90] [--jobs N] [--ci] [--variants]
+       [--head-dims 64 128] [--cubin-dir DIR] [--table FILE] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import glob
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -27,19 +50,22 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-_POINTER_DTYPE_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+_DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _FP32_POINTERS = {"LSE", "DELTA"}
 _I32_POINTERS = {"WIN", "TILES", "BOUNDS"}
 _FLOATS = {"scale", "scale_log2"}
-_CONSTEXPRS = {"BLOCK_M", "BLOCK_N", "BLOCK_D", "RASTER", "PRECISION", "UPCAST"}
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "RASTER", "UNIFORM", "PRECISION", "UPCAST"}
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+# strides of the data tensors (not of LSE/delta): the head-dim stride is 1, the others multiples of 16
+_DATA_STRIDE_PREFIXES = ("sq", "sk", "sv", "so", "sdo", "sdq", "sdk", "sdv")
+KERNELS = ("fwd", "dq", "dkdv")
 
 
 def _kernels():
     from nuwa_kernels.backends.triton.bwd import nearby_bwd_dkdv_kernel, nearby_bwd_dq_kernel
     from nuwa_kernels.backends.triton.fwd import nearby_fwd_kernel
 
-    return {"fwd": nearby_fwd_kernel, "bwd_dq": nearby_bwd_dq_kernel, "bwd_dkdv": nearby_bwd_dkdv_kernel}
+    return {"fwd": nearby_fwd_kernel, "dq": nearby_bwd_dq_kernel, "dkdv": nearby_bwd_dkdv_kernel}
 
 
 def _jit_fn(kernel):
@@ -49,152 +75,264 @@ def _jit_fn(kernel):
     return fn
 
 
-def _autotune_configs(kernel):
-    return list(getattr(kernel, "configs", None) or [])
+def _is_data_stride(name: str) -> bool:
+    # sqb..sqd, skb.., sdob.., but not slb/sdlb (LSE/delta) nor scale
+    return name not in _FLOATS and any(name.startswith(p) and len(name) == len(p) + 1 for p in _DATA_STRIDE_PREFIXES)
 
 
-def _signature(fn, dtype: str, wide: bool):
-    sig = {}
-    for name in fn.arg_names:
+def _specialisation(fn, dtype: str, wide: bool):
+    """Signature, constexprs (incl. unit strides) and divisibility attributes of a typical launch."""
+    sig, ones, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
         if name in _CONSTEXPRS:
             sig[name] = "constexpr"
-        elif name in _POINTER_DTYPE_ARGS:
+        elif name in _DATA_POINTERS:
             sig[name] = "*" + _TRITON_DTYPE[dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FP32_POINTERS:
             sig[name] = "*fp32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _I32_POINTERS:
             sig[name] = "*i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOATS:
             sig[name] = "fp32"
-        elif name.startswith("s"):  # strides
+        elif _is_data_stride(name) and name.endswith("d"):
+            ones[name] = 1  # unit head-dim stride: a real launch specialises it to the constant 1
+            sig[name] = "constexpr"
+        elif _is_data_stride(name):
+            sig[name] = "i64" if wide else "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("sln", "sdln"):
+            ones[name] = 1  # contiguous LSE / delta: unit head stride
+            sig[name] = "constexpr"
+        elif name.startswith("s") and len(name) in (3, 4):
             sig[name] = "i64" if wide else "i32"
         else:
             sig[name] = "i32"
-    return sig
+    return sig, ones, attrs
 
 
-def _block_shapes(kind: str, head_dim_block: int):
-    """(BLOCK_M, BLOCK_N) the launchers can pass for this kernel and head-dim block."""
-    from nuwa_kernels.backends.triton.plan import BlockConfig, default_config
+def _dtype(name):
+    import torch
 
-    configs = {default_config(head_dim_block)}
-    if head_dim_block <= 128:
-        configs.add(BlockConfig(32, 32))  # small windows
-    out = []
-    for c in sorted(configs, key=lambda c: (c.block_m, c.block_n)):
-        # dK/dV: bricks on the key grid (block_m tokens), tiles on the query grid (block_n tokens)
-        out.append((c.block_n, c.block_m) if kind == "bwd_dkdv" else (c.block_m, c.block_n))
-    return out
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
-def _jobs(full: bool, quick: bool, archs, ci: bool = False):
-    kernels = _kernels()
+def _jobs(archs, head_dims, dtypes, variants: bool, wide: bool):
+    from nuwa_kernels.backends.triton.config import all_configs
+
     jobs = []
-    dtypes = [("float16", "tf32"), ("bfloat16", "tf32"), ("float32", "ieee"), ("float32", "tf32")]
-    dblocks = [16, 32, 64, 128, 256]
-    if quick or ci:
-        dtypes = [("bfloat16", "tf32"), ("float32", "ieee")]
-        dblocks = [64] if ci else [64, 256]
-    for kind, kernel in kernels.items():
-        configs = _autotune_configs(kernel)
-        first = configs[:1] or [None]
-        for (dtype, prec), raster, dblock, wide in itertools.product(dtypes, (False, True), dblocks, (False, True)):
-            if wide and (quick or ci or dblock != 64):
-                continue  # 64-bit strides change only address arithmetic: one head-dim block suffices
-            shapes = _block_shapes(kind, dblock)
-            for bm, bn in shapes[-1:] if ci else shapes:
-                for cfg in configs if full else first:
-                    for arch in archs:
-                        jobs.append((kind, dtype, prec, raster, dblock, bm, bn, wide, _cfg_tuple(cfg), arch))
-        if not full and not ci:
-            for cfg in configs[1:]:
-                for arch in archs:
-                    bm, bn = _block_shapes(kind, 64)[-1]
-                    jobs.append((kind, "float16", "tf32", True, 64, bm, bn, False, _cfg_tuple(cfg), arch))
+    for arch in archs:
+        for d in head_dims:
+            for dtype in dtypes:
+                seen = set()
+                for window, cfg in all_configs(arch, d, _dtype(dtype)).items():
+                    if cfg.name in seen:
+                        continue
+                    seen.add(cfg.name)
+                    flavours = [(False, False)]
+                    if variants:
+                        flavours += [(True, False), (False, True)]
+                    for kind in KERNELS:
+                        for raster, uniform in flavours:
+                            bn = cfg.block.bwd_tile or cfg.block.block_n if kind == "dkdv" else cfg.block.block_n
+                            jobs.append(dict(kind=kind, dtype=dtype, d=d, arch=arch, config=cfg.name,
+                                             block_m=cfg.block.block_m, block_n=bn,
+                                             warps=cfg.warps_stages(kind)[0], stages=cfg.warps_stages(kind)[1],
+                                             mma=cfg.mma, raster=raster, uniform=uniform, wide=wide))
     return jobs
 
 
-def _cfg_tuple(cfg):
-    if cfg is None:
-        return (4, 3)
-    return (cfg.num_warps, cfg.num_stages)
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if os.path.exists(path) else "cuobjdump"
 
 
-def _compile_one(job):
+def _res_usage(cubin_path: str) -> dict:
+    out = subprocess.run([_cuobjdump(), "-res-usage", cubin_path], capture_output=True, text=True, check=True).stdout
+    res = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        res[key.lower()] = int(m.group(1)) if m else None
+    return res
+
+
+def _sass_facts(cubin_path: str) -> dict:
+    sass = subprocess.run([_cuobjdump(), "-sass", cubin_path], capture_output=True, text=True, check=True).stdout
+    ins = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    facts = {
+        "hgmma": sum(i.startswith("HGMMA") for i in ins),
+        "hmma": sum(i.startswith("HMMA") for i in ins),
+        "spill_ins": sum(i.startswith(("STL", "LDL")) for i in ins),
+        # global loads by width (LDG / LDGSTS cp.async; 'U16'/'16' = 2-byte, '64' = 8-byte, '128' = 16-byte)
+        "ldg16": sum(i.startswith(("LDG", "LDGSTS")) and (".U16" in i or ".S16" in i or i.endswith(".16")) for i in ins),
+        "ldg128": sum(i.startswith(("LDG", "LDGSTS")) and "128" in i for i in ins),
+        "ldgsts": sum(i.startswith("LDGSTS") for i in ins),
+        "tma": sum(i.startswith("UTMALDG") for i in ins),
+    }
+    return facts
+
+
+def _compile_one(job, cubin_dir):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kind, dtype, prec, raster, dblock, bm, bn, wide, (warps, stages), arch = job
-    fn = _jit_fn(_kernels()[kind])
-    constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": dblock, "RASTER": raster, "PRECISION": prec, "UPCAST": False}
-    src = ASTSource(fn=fn, signature=_signature(fn, dtype, wide), constexprs=constexprs)
+    fn = _jit_fn(_kernels()[job["kind"]])
+    sig, ones, attrs = _specialisation(fn, job["dtype"], job["wide"])
+    constexprs = dict(ones)
+    constexprs.update(HEAD_DIM=job["d"], BLOCK_M=job["block_m"], BLOCK_N=job["block_n"], BLOCK_D=max(16, job["d"]),
+                      RASTER=job["raster"], UNIFORM=job["uniform"],
+                      PRECISION="ieee" if job["dtype"] == "float32" else "tf32", UPCAST=False)
+    if job["kind"] == "dkdv":  # dK/dV: BLOCK_N = key brick (M side), BLOCK_M = query tile
+        constexprs.update(BLOCK_M=job["block_n"], BLOCK_N=job["block_m"])
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     t0 = time.time()
+    rec = dict(job)
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-        asm = getattr(compiled, "asm", {})
-        ptx = asm.get("ptx", "") if isinstance(asm, dict) else ""
-        if isinstance(ptx, bytes):
-            ptx = ptx.decode(errors="ignore")
-        uses_mma = ("mma" in ptx) or ("wgmma" in ptx)
-        # IEEE float32 dots are FMA loops by design; every other dot should use tensor cores
-        expect_mma = not (dtype == "float32" and prec == "ieee")
-        note = " (no mma instruction in PTX)" if expect_mma and ptx and not uses_mma else ""
-        tf32_leak = dtype == "float32" and prec == "ieee" and ".tf32" in ptx
-        if tf32_leak:
-            return job, False, "float32 IEEE specialisation uses TF32 instructions", time.time() - t0
-        return job, True, note, time.time() - t0
+        compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32),
+                                  options={"num_warps": job["warps"], "num_stages": job["stages"]})
     except Exception as exc:  # noqa: BLE001 - report everything
-        msg = f"{type(exc).__name__}: {exc}"
-        return job, False, msg[-2000:], time.time() - t0
+        rec.update(ok=False, error=f"{type(exc).__name__}: {exc}"[-2000:], seconds=time.time() - t0)
+        return rec
+    rec["seconds"] = time.time() - t0
+    asm = compiled.asm
+    cubin = asm["cubin"]
+    ptx = asm.get("ptx", "")
+    if isinstance(ptx, bytes):
+        ptx = ptx.decode(errors="ignore")
+    name = _cubin_name(job)
+    path = os.path.join(cubin_dir, name)
+    with open(path, "wb") as f:
+        f.write(cubin)
+    rec["cubin"] = name
+    rec.update(_res_usage(path))
+    rec["shared"] = int(getattr(compiled.metadata, "shared", 0) or 0)  # dynamic shared memory (bytes)
+    rec.update(_sass_facts(path))
+    rec["tf32_leak"] = job["dtype"] == "float32" and ".tf32" in ptx
+    rec["ok"] = True
+    return rec
 
 
-def _describe(job):
-    kind, dtype, prec, raster, dblock, bm, bn, wide, (warps, stages), arch = job
-    return (f"sm_{arch} {kind:8s} {dtype:8s} {prec:4s} raster={int(raster)} BLOCK_D={dblock:3d} "
-            f"BLOCK_M={bm:3d} BLOCK_N={bn:3d} strides={'i64' if wide else 'i32'} warps={warps} stages={stages}")
+def _cubin_name(job) -> str:
+    flav = ("-raster" if job["raster"] else "") + ("-uniform" if job["uniform"] else "") + ("-i64" if job["wide"] else "")
+    return f"{job['kind']}-{job['dtype']}-d{job['d']}-sm{job['arch']}-{job['config']}{flav}.cubin"
+
+
+def _problems(rec, strict_256: bool):
+    if not rec["ok"]:
+        return [rec["error"]]
+    out = []
+    enforce = rec["d"] <= 128 or strict_256
+    # STACK alone can be an empty NVPTX frame (a 1-byte local depot, 8 bytes aligned) that no instruction
+    # touches; spills are the STL/LDL instructions and local memory
+    if enforce and (rec["local"] or rec["spill_ins"]):
+        out.append(f"spills: STACK={rec['stack']} LOCAL={rec['local']} STL/LDL={rec['spill_ins']}")
+    half = rec["dtype"] in ("float16", "bfloat16")
+    if half and rec["arch"] >= 90 and rec["mma"] == "wgmma" and not rec["hgmma"]:
+        out.append("no wgmma (HGMMA) on sm_90")
+    if half and not (rec["hgmma"] or rec["hmma"]):
+        out.append("no tensor-core instruction")
+    if half and rec["ldg16"]:
+        out.append(f"{rec['ldg16']} 2-byte global loads (Q/K/V must load as 16-byte vectors)")
+    if not rec["ldg128"] and not rec["tma"]:
+        out.append("no 16-byte global loads")
+    if rec["tf32_leak"]:
+        out.append("float32 IEEE build uses TF32")
+    return out
+
+
+def _table(recs) -> str:
+    lines = [
+        "| kernel | dtype | D | arch | config | warps | stages | regs | STL/LDL | stack (B) | local (B) | smem (B) "
+        "| tensor core | 16-B loads | 2-B loads | cp.async | compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        if not r["ok"]:
+            lines.append(f"| {r['kind']} | {r['dtype']} | {r['d']} | sm_{r['arch']} | {r['config']} | {r['warps']} | "
+                         f"{r['stages']} | FAILED | | | | | | | | | {r['seconds']:.1f} |")
+            continue
+        tc = "wgmma" if r["hgmma"] else "mma.sync" if r["hmma"] else "FMA"
+        flav = (" raster" if r["raster"] else "") + (" uniform" if r["uniform"] else "")
+        lines.append(
+            f"| {r['kind']}{flav} | {r['dtype']} | {r['d']} | sm_{r['arch']} | {r['config']} | {r['warps']} | "
+            f"{r['stages']} | {r['reg']} | {r['spill_ins']} | {r['stack']} | {r['local']} | {r['shared']} | {tc} | "
+            f"{r['ldg128']} | "
+            f"{r['ldg16']} | {'yes' if r['ldgsts'] or r['tma'] else 'no'} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
     ap.add_argument("--jobs", "-j", type=int, default=max(1, min(4, os.cpu_count() or 1)))
-    ap.add_argument("--full", action="store_true", help="every specialisation x every autotune config")
-    ap.add_argument("--quick", action="store_true", help="a representative subset (smoke test)")
-    ap.add_argument("--ci", action="store_true",
-                    help="every kernel for bf16 and fp32-IEEE, raster on/off, default tiles (about 24 compiles)")
+    ap.add_argument("--ci", action="store_true", help="bfloat16 and float32 only (the CI subset)")
+    ap.add_argument("--variants", action="store_true", help="also the raster and uniform (stride-aligned) variants")
+    ap.add_argument("--wide", action="store_true", help="64-bit strides (inputs over 2**31 elements)")
+    ap.add_argument("--strict-256", action="store_true", help="enforce zero spills at D=256 too")
+    ap.add_argument("--cubin-dir", help="write every cubin here")
+    ap.add_argument("--table", help="write the Markdown table here")
+    ap.add_argument("--json", help="write the records as JSON here")
+    ap.add_argument("--keep-cache", action="store_true", help="reuse the user's Triton cache (faster reruns)")
     ap.add_argument("--verbose", "-v", action="store_true")
+    # accepted for compatibility with older Makefiles
+    ap.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--full", action="store_true", help="--variants and --wide")
     args = ap.parse_args(argv)
 
-    import triton  # noqa: F401  (fail loudly when triton is missing)
+    if not args.keep_cache and "TRITON_CACHE_DIR" not in os.environ:
+        # a fresh Triton cache: every job really compiles (honest compile times, fresh cubins)
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="nuwa-triton-cache-")
+    import triton
 
-    jobs = _jobs(args.full, args.quick, args.arch, ci=args.ci)
-    print(f"AOT-compiling {len(jobs)} Triton specialisations for {', '.join(f'sm_{a}' for a in args.arch)} "
-          f"with {args.jobs} worker(s) (triton {triton.__version__})", flush=True)
+    dtypes = ["bfloat16", "float32"] if args.ci else args.dtypes
+    jobs = _jobs(args.arch, args.head_dims, dtypes, args.variants or args.full, args.wide or args.full)
+    cubin_dir = args.cubin_dir or tempfile.mkdtemp(prefix="nuwa-cubins-")
+    os.makedirs(cubin_dir, exist_ok=True)
+    print(f"AOT-compiling {len(jobs)} Triton kernels for {', '.join(f'sm_{a}' for a in args.arch)} with "
+          f"{args.jobs} worker(s) (triton {triton.__version__}); cubins in {cubin_dir}", flush=True)
     t0 = time.time()
-    failures = []
-    notes = []
     if args.jobs <= 1:
-        results = map(_compile_one, jobs)
+        results = (_compile_one(j, cubin_dir) for j in jobs)
     else:
         pool = ProcessPoolExecutor(max_workers=args.jobs)
-        futures = [pool.submit(_compile_one, j) for j in jobs]
+        futures = [pool.submit(_compile_one, j, cubin_dir) for j in jobs]
         results = (f.result() for f in as_completed(futures))
-    done = 0
-    for job, ok, msg, dt in results:
-        done += 1
-        if not ok:
-            failures.append((job, msg))
-            print(f"FAIL {_describe(job)}\n     {msg}", flush=True)
-        elif msg:
-            notes.append((job, msg))
-        if args.verbose:
-            print(f"{'ok  ' if ok else 'FAIL'} {_describe(job)} {dt:.1f}s{msg if ok else ''}", flush=True)
-        elif done % 25 == 0:
-            print(f"  {done}/{len(jobs)} compiled ({time.time() - t0:.0f}s)", flush=True)
-    for job, msg in notes:
-        print(f"note {_describe(job)}{msg}")
-    print(f"{len(jobs) - len(failures)}/{len(jobs)} specialisations compiled in {time.time() - t0:.0f}s")
+    recs, failures = [], []
+    for rec in results:
+        recs.append(rec)
+        probs = _problems(rec, args.strict_256)
+        if probs:
+            failures.append((rec, probs))
+            print(f"FAIL {_cubin_name(rec)}: {'; '.join(probs)}", flush=True)
+        elif args.verbose:
+            print(f"ok   {_cubin_name(rec)} regs={rec['reg']} smem={rec['shared']} {rec['seconds']:.1f}s", flush=True)
+        if len(recs) % 12 == 0:
+            print(f"  {len(recs)}/{len(jobs)} compiled ({time.time() - t0:.0f}s)", flush=True)
+    order = {k: i for i, k in enumerate(KERNELS)}
+    recs.sort(key=lambda r: (r["arch"], r["d"], r["dtype"], r["config"], order[r["kind"]], r["raster"], r["uniform"]))
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(f"<!-- scripts/triton_aot_check.py, triton {triton.__version__} -->\n")
+            f.write(_table(recs))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "records": recs}, f, indent=1)
+    for r in recs:
+        if r["ok"] and r["d"] > 128 and (r["spill_ins"] or r["local"]):
+            print(f"note {r['cubin']}: D={r['d']} spills ({r['spill_ins']} STL/LDL, STACK {r['stack']} B; "
+                  "not enforced above D=128)")
+    print(f"{len(recs) - len(failures)}/{len(recs)} kernels compiled clean in {time.time() - t0:.0f}s")
+    if not args.cubin_dir:
+        for p in glob.glob(os.path.join(cubin_dir, "*.cubin")):
+            os.remove(p)
+        os.rmdir(cubin_dir)
     if failures:
         print(f"{len(failures)} FAILED", file=sys.stderr)
         return 1

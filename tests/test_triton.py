@@ -48,6 +48,7 @@ def run_case(
     config=None,
     inputs=None,
     seed=0,
+    stride=1,
 ):
     """Forward (+ backward with a loss on out and lse) against the oracle; returns the relative errors."""
     g = _gen(seed)
@@ -56,7 +57,7 @@ def run_case(
     else:
         q, k, v = inputs
     q, k, v = (x.detach().requires_grad_(backward) for x in (q, k, v))
-    spec = make_window_spec(q.shape[1:4], k.shape[1:4], kernel_size, causal, border)
+    spec = make_window_spec(q.shape[1:4], k.shape[1:4], kernel_size, causal, border, stride)
     sc = q.shape[-1] ** -0.5 if scale is None else scale
     ctx = tplan.override_config(config) if config is not None else contextlib.nullcontext()
     with ctx:
@@ -68,7 +69,7 @@ def run_case(
             gl = torch.randn(lse.shape, generator=g).to(lse)
             grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
     q2, k2, v2 = (x.detach().double().requires_grad_(backward) for x in (q, k, v))
-    ref_out, ref_lse = oracle_attention(q2, k2, v2, kernel_size, causal, border, scale=sc)
+    ref_out, ref_lse = oracle_attention(q2, k2, v2, kernel_size, causal, border, scale=sc, stride=stride)
     errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse)}
     if backward:
         refs = torch.autograd.grad((ref_out * go.double()).sum() + (ref_lse * gl.double()).sum(), (q2, k2, v2))
@@ -200,6 +201,113 @@ def test_empty_batch():
 
 
 # ----------------------------------------------------------------------------------------------
+# Stride (section 3a) and slabs in the kernels
+# ----------------------------------------------------------------------------------------------
+
+STRIDE_CASES = [
+    ((3, 6, 7), (3, 6, 7), (3, 4, 3), (1, 2, 3), False, "shift"),
+    ((4, 5, 6), (4, 5, 6), 3, (2, 1, 2), True, "truncate"),
+    ((5, 4, 6), (5, 4, 6), (3, 3, 4), (3, 2, 2), (True, False, True), "truncate"),
+    ((4, 4, 6), (4, 4, 6), (2, 4, 3), (2, 4, 3), False, "shift"),  # blocked
+    ((3, 4, 5), (2, 6, 3), (3, 3, 2), (2, 1, 2), (False, True, False), "truncate"),  # cross grids
+]
+
+
+@pytest.mark.parametrize("q_grid,kv_grid,kernel_size,stride,causal,border", STRIDE_CASES,
+                         ids=["shift", "raster", "causal-tw", "blocked", "cross"])
+@pytest.mark.parametrize("config", [None, SMALL], ids=["big-bricks", "small-bricks"])
+def test_stride(q_grid, kv_grid, kernel_size, stride, causal, border, config):
+    run_case(q_grid, kv_grid, kernel_size, causal, border, B=1, heads=2, heads_kv=1, D=16, stride=stride,
+             config=config)
+
+
+@pytest.mark.parametrize("causal,border", [(False, "shift"), (True, "truncate"), ((False, True, False), "truncate")],
+                         ids=["shift", "raster", "causal-h"])
+def test_stride_aligned_uniform_path(causal, border):
+    """A stride that is a multiple of the query brick: every brick (and dK/dV query tile) shares one
+    window, the plan says ``uniform`` and the kernels mask key vectors only (constexpr UNIFORM)."""
+    config = tplan.BlockConfig(16, 16, (1, 4, 4), (1, 4, 4))
+    spec = make_window_spec((2, 8, 8), (2, 8, 8), (2, 6, 5), causal, border, (1, 4, 4))
+    plan = tplan.build_plan(spec, config)
+    # a causal axis ends every window at the query itself: never uniform there
+    assert plan.fwd.uniform == (not isinstance(causal, tuple))
+    if causal is False:
+        assert plan.bwd.uniform
+    run_case((2, 8, 8), (2, 8, 8), (2, 6, 5), causal, border, B=1, heads=1, heads_kv=1, D=16, stride=(1, 4, 4),
+             config=config)
+
+
+def _reference_grads(q, k, v, spec, sc, go, gl):
+    from nuwa_kernels.backends import reference
+
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out, lse = reference.forward(q2, k2, v2, spec, sc)
+    grads = torch.autograd.grad((out * go.double()).sum() + (lse * gl.double()).sum(), (q2, k2, v2))
+    return out, lse, grads
+
+
+SLAB_CASES = [
+    # grid, kernel_size, causal, border, stride, (q_lo, q_hi), (k_lo, k_hi) per axis
+    ((6, 7, 5), 3, True, "truncate", 1, ((2, 4), (0, 6), (0, 4)), ((1, 4), (0, 6), (0, 4))),
+    ((6, 7, 5), 3, (True, False, False), "shift", (2, 1, 1), ((2, 4), (0, 6), (0, 4)), ((0, 4), (0, 6), (0, 4))),
+    ((4, 8, 6), (3, 4, 3), True, "shift", (1, 2, 1), ((1, 3), (3, 7), (0, 5)), ((0, 3), (1, 7), (0, 5))),
+    ((4, 8, 6), (2, 3, 3), False, "truncate", (1, 3, 2), ((0, 3), (2, 5), (1, 4)), ((0, 3), (0, 7), (0, 5))),
+    # a key slab narrower than the windows: keys outside it are absent
+    ((3, 8, 8), 5, False, "truncate", 1, ((0, 2), (2, 5), (0, 7)), ((0, 2), (3, 6), (1, 6))),
+]
+
+
+@pytest.mark.parametrize("case", SLAB_CASES, ids=["raster-t", "causal-t-stride", "raster-th", "stride-hw",
+                                                 "narrow-keys"])
+@pytest.mark.parametrize("config", [None, SMALL], ids=["big-bricks", "small-bricks"])
+def test_slab(case, config):
+    """Slab tensors against the float64 reference on the same slab spec (windows on the global grids,
+    raster order on global flat indices, keys outside the key slab absent)."""
+    from nuwa_kernels.window import Slab
+
+    grid, ks, causal, border, stride, qr, kr = case
+    g = _gen(21)
+    qg = tuple(b - a + 1 for a, b in qr)
+    kg = tuple(b - a + 1 for a, b in kr)
+    q, k, v = random_grid_inputs(1, qg, kg, 2, 1, 16, dtype=torch.float32, device=DEVICE, generator=g)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    slab = Slab(tuple(a for a, _ in qr), tuple(a for a, _ in kr), grid, grid)
+    spec = make_window_spec(qg, kg, ks, causal, border, stride, slab)
+    ctx = tplan.override_config(config) if config is not None else contextlib.nullcontext()
+    with ctx:
+        out, lse = tb.forward(q, k, v, spec, 0.25)
+        go = torch.randn(out.shape, generator=g).to(out)
+        gl = torch.randn(lse.shape, generator=g).to(lse)
+        grads = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
+    ref_out, ref_lse, refs = _reference_grads(q, k, v, spec, 0.25, go, gl)
+    tol = TOLERANCE[torch.float32]
+    errs = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse)}
+    errs.update({n: rel_err(a, r) for n, a, r in zip(("dq", "dk", "dv"), grads, refs)})
+    assert all(e < tol for e in errs.values()), errs
+
+
+def test_can_run_takes_stride_and_slab():
+    from nuwa_kernels.window import Slab
+
+    x = _t(1, 2, 2, 2, 1, 16)
+    spec = make_window_spec((2, 2, 2), (2, 2, 2), 2, False, "truncate", 2,
+                            Slab((1, 0, 0), (1, 0, 0), (3, 2, 2), (3, 2, 2)))
+    assert tb.can_run(x, x, x, spec) == (True, "")
+
+
+def test_delta_kernel():
+    g = _gen(31)
+    out = torch.randn(2, 2, 3, 4, 3, 24, generator=g).to(DEVICE)
+    go = torch.randn(2, 3, 2, 4, 24, 3, generator=g).to(DEVICE).permute(0, 2, 1, 3, 5, 4)  # non-contiguous
+    gl = torch.randn(2, 2, 3, 4, 3, generator=g).to(DEVICE)
+    ref = (go.double() * out.double()).sum(-1) - gl.double()
+    assert rel_err(tb.delta(go, out, gl), ref) < 1e-5
+    assert rel_err(tb.delta(go, out), (go.double() * out.double()).sum(-1)) < 1e-5
+    half = tb.delta(go.half(), out.half(), None)
+    assert half.dtype == torch.float32 and rel_err(half, (go.half().double() * out.half().double()).sum(-1)) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
 # torch.library plumbing and the public API
 # ----------------------------------------------------------------------------------------------
 
@@ -207,7 +315,7 @@ def test_empty_batch():
 def test_opcheck_triton_fwd():
     q, k, v = random_grid_inputs(1, (1, 2, 3), (1, 2, 3), 2, 1, 16, device=DEVICE, dtype=torch.float32,
                                  requires_grad=True, generator=_gen(11))
-    args = (q, k, v, [3, 3, 3], [False, False, False], True, False, 0.25)
+    args = (q, k, v, [3, 3, 3], [False, False, False], True, False, [1, 1, 1], [], 0.25)
     torch.library.opcheck(torch.ops.nuwa_kernels.triton_fwd.default, args)
 
 
@@ -217,7 +325,7 @@ def test_opcheck_triton_bwd():
     g = torch.randn(q.shape, generator=_gen(14)).to(q)
     lse = torch.randn(q.shape[:-1], generator=_gen(15)).to(q).abs() + 2.0
     delta = torch.randn(q.shape[:-1], generator=_gen(16)).to(q)
-    args = (g, q, k, v, lse, delta, [3, 3, 3], [False, True, False], False, True, 0.25)
+    args = (g, q, k, v, lse, delta, [3, 3, 3], [False, True, False], False, True, [1, 2, 1], [], 0.25)
     torch.library.opcheck(torch.ops.nuwa_kernels.triton_bwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
 

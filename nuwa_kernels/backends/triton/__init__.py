@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ... import _ops
-from ...window import WindowSpec
+from ...window import WindowSpec, spec_from_op_args
 from ._common import HAS_TRITON, INTERPRET, TRITON_IMPORT_ERROR
 
 NAME = "triton"
@@ -26,7 +26,8 @@ MAX_BATCH_HEADS = 65535  # launch grid axis 1 is (batch x heads)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
-__all__ = ["NAME", "can_run", "forward", "tile_stats", "SUPPORTED_DTYPES"]
+__all__ = ["NAME", "can_run", "forward", "tile_stats", "aligned_stride", "delta", "clear_plan_cache",
+           "SUPPORTED_DTYPES"]
 
 
 def can_run(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tuple[bool, str]:
@@ -71,40 +72,69 @@ def can_run(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec) -> Tupl
     return True, ""
 
 
-def _spec_from_args(query, key, kernel_size, causal_axes, raster_causal, shift_border) -> WindowSpec:
-    return WindowSpec(
-        tuple(int(k) for k in kernel_size),  # type: ignore[arg-type]
-        tuple(bool(c) for c in causal_axes),  # type: ignore[arg-type]
-        bool(raster_causal),
-        bool(shift_border),
-        tuple(query.shape[1:4]),  # type: ignore[arg-type]
-        tuple(key.shape[1:4]),  # type: ignore[arg-type]
-    )
+_CALLS: dict = {}
 
 
-def _plan_for(spec: WindowSpec, head_dim: int, nq: int, nk: int):
-    from .plan import current_override, default_config, get_plan, interpreter_config
+def _plan_for(query, key, window_args):
+    """``(plan, launch)`` of one call, cached on everything that decides them (grids, window arguments,
+    head dim, dtype, device, the thread's config override): a repeated call costs one dict lookup.
 
-    config = current_override()
-    if config is None:
-        config = interpreter_config(nq, nk) if INTERPRET else default_config(head_dim, spec)
-    return get_plan(spec, config)
+    ``launch`` maps ``"fwd"``/``"dq"``/``"dkdv"`` to ``(num_warps, num_stages)`` from the config table
+    (:mod:`.config`); under the interpreter the blocks are as large as the grids allow.
+    """
+    from .plan import current_override, get_plan, interpreter_config
+
+    override = current_override()
+    kernel_size, causal_axes, raster, shift, stride, slab = window_args
+    ckey = (tuple(query.shape[1:4]), tuple(key.shape[1:4]), tuple(kernel_size), tuple(causal_axes), bool(raster),
+            bool(shift), tuple(stride), tuple(slab), query.shape[-1], query.dtype, query.device, override)
+    hit = _CALLS.get(ckey)
+    if hit is not None:
+        return hit
+    from .config import config_for
+
+    spec = spec_from_op_args(query.shape[1:4], key.shape[1:4], *window_args)
+    entry = config_for(spec, query.shape[-1], query.dtype, query.device)
+    launch = {"fwd": entry.fwd, "dq": entry.dq, "dkdv": entry.dkdv}
+    if override is not None:
+        block = override
+    elif INTERPRET:
+        block = interpreter_config(_numel3(spec.q_grid), _numel3(spec.kv_grid))
+        launch = {"fwd": (4, 1), "dq": (4, 1), "dkdv": (4, 1)}
+    else:
+        block = entry.block
+    hit = _CALLS[ckey] = (get_plan(spec, block), launch)
+    return hit
 
 
-def _fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale):
+def clear_plan_cache() -> None:
+    """Drop every cached Triton plan, launch decision and device table.
+
+    Plans keep the device tables a launch reads (window bounds, tile lists); a CUDA graph captured
+    around a Triton call replays those exact tensors, so only call this when no such graph will be
+    replayed again. Before capturing, run the call once eagerly (warm-up): that compiles the one
+    kernel variant the config table picks and builds the plan and its device tables, so the capture
+    itself only launches.
+    """
+    from .plan import clear_plan_cache as _clear
+
+    _CALLS.clear()
+    _clear()
+
+
+def _fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale):
     from .fwd import launch_forward
 
-    spec = _spec_from_args(query, key, kernel_size, causal_axes, raster_causal, shift_border)
-    plan = _plan_for(spec, query.shape[-1], _numel3(spec.q_grid), _numel3(spec.kv_grid))
-    return launch_forward(query, key, value, plan, scale)
+    plan, launch = _plan_for(query, key, (kernel_size, causal_axes, raster_causal, shift_border, stride, slab))
+    return launch_forward(query, key, value, plan, scale, launch["fwd"])
 
 
-def _bwd_impl(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster_causal, shift_border, scale):
+def _bwd_impl(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster_causal, shift_border, stride,
+              slab, scale):
     from .bwd import launch_backward
 
-    spec = _spec_from_args(query, key, kernel_size, causal_axes, raster_causal, shift_border)
-    plan = _plan_for(spec, query.shape[-1], _numel3(spec.q_grid), _numel3(spec.kv_grid))
-    return launch_backward(grad_out, query, key, value, lse, delta, plan, scale)
+    plan, launch = _plan_for(query, key, (kernel_size, causal_axes, raster_causal, shift_border, stride, slab))
+    return launch_backward(grad_out, query, key, value, lse, delta, plan, scale, launch)
 
 
 def _numel3(g) -> int:
@@ -124,7 +154,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: 
     Returns:
         ``out (B, T, H, W, heads, D)`` contiguous in the input dtype, ``lse (B, T, H, W, heads)`` float32.
     """
-    return triton_fwd(query, key, value, *_ops.spec_op_args(spec), float(scale))
+    return _ops.call(triton_fwd, triton_bwd, query, key, value, *_ops.spec_op_args(spec), float(scale))
 
 
 def tile_stats(*args, **kwargs):
@@ -132,3 +162,17 @@ def tile_stats(*args, **kwargs):
     from .stats import tile_stats as _tile_stats
 
     return _tile_stats(*args, **kwargs)
+
+
+def aligned_stride(*args, **kwargs):
+    """See :func:`nuwa_kernels.backends.triton.stats.aligned_stride`."""
+    from .stats import aligned_stride as _aligned_stride
+
+    return _aligned_stride(*args, **kwargs)
+
+
+def delta(grad_out: Tensor, out: Tensor, grad_lse=None) -> Tensor:
+    """``rowsum(grad_out * out) - grad_lse`` (float32) in one fused Triton kernel (:func:`.bwd.delta`)."""
+    from .bwd import delta as _delta
+
+    return _delta(grad_out, out, grad_lse)

@@ -39,19 +39,6 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-def autotune_configs():
-    """One config under the interpreter (it cannot benchmark), several on a GPU."""
-    if INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({}, num_warps=4, num_stages=2),
-        triton.Config({}, num_warps=4, num_stages=3),
-        triton.Config({}, num_warps=8, num_stages=2),
-        triton.Config({}, num_warps=2, num_stages=2),
-        triton.Config({}, num_warps=4, num_stages=1),  # fits small shared memories (large head dims)
-    ]
-
-
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: IEEE float32 unless the user allowed TF32 matmuls."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -89,6 +76,14 @@ if HAS_TRITON:
         return m
 
     @triton.jit
+    def window_mask_t(kt, kh, kw, lt, ht, lh, hh, lw, hw):
+        """``[N, M]`` allowed-pair mask (keys x queries) from per-key coordinates and per-query windows."""
+        m = (kt[:, None] >= lt[None, :]) & (kt[:, None] <= ht[None, :])
+        m = m & (kh[:, None] >= lh[None, :]) & (kh[:, None] <= hh[None, :])
+        m = m & (kw[:, None] >= lw[None, :]) & (kw[:, None] <= hw[None, :])
+        return m
+
+    @triton.jit
     def program_head(i_bh, HEADS, GROUP):
         """``(batch, query head, kv head)`` of the flat index ``i_bh`` over ``batch * HEADS``."""
         i_b = i_bh // HEADS
@@ -107,6 +102,28 @@ if HAS_TRITON:
         h0 = ph << LOG_BH
         w0 = pw << LOG_BW
         return pt, ph, pw, t0, h0, w0
+
+    @triton.jit
+    def brick_window(WIN, t0, h0, w0, T, H, W):
+        """The one window ``(lt, ht, lh, hh, lw, hw)`` that every row of a uniform brick (or tile) shares,
+        read at its first row ``(t0, h0, w0)`` (always inside the grid)."""
+        lt = tl.load(WIN + t0)
+        ht = tl.load(WIN + T + t0)
+        lh = tl.load(WIN + 2 * T + h0)
+        hh = tl.load(WIN + 2 * T + H + h0)
+        lw = tl.load(WIN + 2 * T + 2 * H + w0)
+        hw = tl.load(WIN + 2 * T + 2 * H + W + w0)
+        return lt, ht, lh, hh, lw, hw
+
+    @triton.jit
+    def in_window(kt, kh, kw, lt, ht, lh, hh, lw, hw):
+        """Mask of the key coordinates inside one window (scalar bounds)."""
+        return (kt >= lt) & (kt <= ht) & (kh >= lh) & (kh <= hh) & (kw >= lw) & (kw <= hw)
+
+    @triton.jit
+    def global_flat(t, h, w, OT, OH, OW, FH, FW):
+        """Global raster index of local coordinates (slab origin ``(OT, OH, OW)``, global grid ``(?, FH, FW)``)."""
+        return ((t + OT) * FH + h + OH) * FW + w + OW
 
     @triton.jit
     def in_grid(t, h, w, T, H, W):

@@ -53,6 +53,7 @@ __all__ = [
     "choose_shapes",
     "build_plan",
     "get_plan",
+    "clear_plan_cache",
     "useful_pairs",
     "plan_stats",
 ]
@@ -90,18 +91,21 @@ class BlockConfig:
         q_brick, k_tile: optional fixed ``(t, h, w)`` shapes (powers of two with products
             ``block_m`` / ``block_n``); ``None`` lets :func:`choose_shapes` pick them for the call.
 
-    The ``dK/dV`` sweep reuses the forward shapes with the roles swapped (key bricks shaped like the
-    query bricks, query tiles shaped like the key tiles), so both directions waste about the same.
+    The ``dK/dV`` sweep reuses the forward sizes with the roles swapped (key bricks of ``block_m`` keys,
+    query tiles of ``bwd_tile`` or ``block_n`` queries), so both directions waste about the same.
     """
 
     block_m: int
     block_n: int
     q_brick: Optional[Dims] = None
     k_tile: Optional[Dims] = None
+    bwd_tile: Optional[int] = None  # query-tile tokens of the dK/dV sweep (default: block_n)
 
     def __post_init__(self):
         _log2(self.block_m)
         _log2(self.block_n)
+        if self.bwd_tile is not None:
+            _log2(self.bwd_tile)
         for dims, total in ((self.q_brick, self.block_m), (self.k_tile, self.block_n)):
             if dims is not None:
                 for d in dims:
@@ -110,25 +114,13 @@ class BlockConfig:
                     raise ValueError(f"brick shape {dims} must hold exactly {total} tokens")
 
 
-def default_config(head_dim: int = 64, spec: Optional[WindowSpec] = None) -> BlockConfig:
-    """GPU block sizes (the ones the autotuned kernels run and ``tile_stats`` reports).
+def default_config(head_dim: int = 64, spec: Optional[WindowSpec] = None, dtype: torch.dtype = torch.bfloat16,
+                   arch: int = 90) -> BlockConfig:
+    """The GPU tiling of the launch-configuration table (:mod:`.config`) for one call: what the
+    kernels run on a GPU and what ``tile_stats`` reports (a spec-less call means a large window)."""
+    from .config import lookup, window_class
 
-    64-query bricks and 32-key tiles; small windows (at most 64 keys, e.g. 3x3x3) and large head
-    dims (over 128, to bound registers) use 32-query bricks, which halves the padding work there.
-    """
-    if head_dim > 128:
-        return BlockConfig(32, 32)
-    if spec is not None and _window_volume(spec) <= 64:
-        return BlockConfig(32, 32)
-    return BlockConfig(64, 32)
-
-
-def _window_volume(spec: WindowSpec) -> int:
-    vol = 1
-    for axis in range(3):
-        lo, hi = spec_axis_bounds(spec, axis)
-        vol *= int((hi - lo + 1).max().item()) if lo.numel() else 0
-    return vol
+    return lookup(arch, head_dim, dtype, window_class(spec) if spec is not None else "large").block
 
 
 def interpreter_config(nq: int, nk: int) -> BlockConfig:
@@ -224,6 +216,21 @@ def _axis_tiles(lo: torch.Tensor, hi: torch.Tensor, bp: int, bs: int) -> AxisTil
     return AxisTiles(cnt, lst, start, full)
 
 
+def _rows_uniform(lo: torch.Tensor, hi: torch.Tensor, starts: torch.Tensor, width: int) -> bool:
+    """Whether, for every start ``a`` in ``starts`` (entries ``>= len(lo)`` are ignored), the rows
+    ``a .. a + width - 1`` inside the axis all have the same window ``(lo, hi)``."""
+    n = lo.numel()
+    if n == 0:
+        return True
+    change = torch.zeros(n, dtype=torch.int64)
+    change[1:] = ((lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])).long()
+    csum = torch.cumsum(change, 0)
+    a = starts.reshape(-1)
+    a = a[(a >= 0) & (a < n)]
+    e = torch.clamp(a + width - 1, max=n - 1)
+    return bool((csum[e] == csum[a]).all().item())
+
+
 def _inverse_intervals(lo: torch.Tensor, hi: torch.Tensor, lk: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """For every key coordinate ``j < lk``: the query interval ``[first, last]`` whose windows contain it
     (``axis_inverse_window`` for a whole axis; empty when ``first > last``)."""
@@ -250,6 +257,10 @@ class SweepPlan:
     bounds: Optional[torch.Tensor]  # (num_bricks, 2) int64 [begin, end) with raster causality
     visits: torch.Tensor  # (num_bricks,) int64 tiles visited by each brick
     tables: torch.Tensor = field(repr=False, default=None)  # packed int32 for the kernel
+    # True when every query group the kernel masks shares one window: forward/dQ: all rows of every
+    # query brick; dK/dV: all rows of every visited query tile (stride-aligned bricks, section 3a).
+    # The kernels then mask a vector of keys instead of a [rows, keys] matrix (constexpr UNIFORM).
+    uniform: bool = False
 
     @property
     def num_bricks(self) -> Dims:
@@ -291,7 +302,12 @@ def _make_sweep(
     brick: Dims,
     tile: Dims,
     raster: Optional[str],
+    p_origin: Dims = (0, 0, 0),
+    s_origin: Dims = (0, 0, 0),
+    full: Optional[Dims] = None,
 ) -> SweepPlan:
+    """One sweep. With raster causality, flat indices are global: local coordinates plus ``p_origin`` /
+    ``s_origin`` (slabs) on the common global grid ``full`` (the local grids without a slab)."""
     axes = tuple(_axis_tiles(lo, hi, b, s) for (lo, hi), b, s in zip(intervals, brick, tile))
     nbt, nbh, nbw = (a.cnt.numel() for a in axes)
     ct, ch, cw = (a.cnt for a in axes)
@@ -303,7 +319,9 @@ def _make_sweep(
         # the clipped tile ends (dK/dV) increases along the walk: the kept tiles are a prefix (forward)
         # or a suffix (dK/dV) of it, and counting them gives the loop bounds.
         at, ah, aw = (a.start for a in axes)
-        sg = secondary_grid
+        sg = full if full is not None else secondary_grid
+        pg = full if full is not None else primary_grid
+        po, so = p_origin, s_origin
         if raster == "fwd":
             last = [
                 torch.clamp(torch.arange(n) * b + b - 1, max=L - 1)
@@ -315,16 +333,17 @@ def _make_sweep(
         for pt in range(nbt):
             if raster == "fwd":
                 # (nbh, nbw, jt, jh, jw): key tiles whose first key is not after the brick's last query
-                fk = _flat(at[pt].view(1, 1, -1, 1, 1), ah.view(nbh, 1, 1, -1, 1), aw.view(1, nbw, 1, 1, -1), sg)
-                fq = _flat(last[0][pt], last[1].view(-1, 1), last[2].view(1, -1), primary_grid)
+                fk = _flat(at[pt].view(1, 1, -1, 1, 1) + so[0], ah.view(nbh, 1, 1, -1, 1) + so[1],
+                           aw.view(1, nbw, 1, 1, -1) + so[2], sg)
+                fq = _flat(last[0][pt] + po[0], last[1].view(-1, 1) + po[1], last[2].view(1, -1) + po[2], pg)
                 keep = fk <= fq.view(nbh, nbw, 1, 1, 1)
             else:
                 # query tiles whose (clipped) last query comes at or after the key brick's first key
-                et = torch.clamp(at[pt] + tile[0] - 1, max=sg[0] - 1)
-                eh = torch.clamp(ah + tile[1] - 1, max=sg[1] - 1)
-                ew = torch.clamp(aw + tile[2] - 1, max=sg[2] - 1)
+                et = torch.clamp(at[pt] + tile[0] - 1, max=secondary_grid[0] - 1) + so[0]
+                eh = torch.clamp(ah + tile[1] - 1, max=secondary_grid[1] - 1) + so[1]
+                ew = torch.clamp(aw + tile[2] - 1, max=secondary_grid[2] - 1) + so[2]
                 fqe = _flat(et.view(1, 1, -1, 1, 1), eh.view(nbh, 1, 1, -1, 1), ew.view(1, nbw, 1, 1, -1), sg)
-                fk = _flat(first[0][pt], first[1].view(-1, 1), first[2].view(1, -1), primary_grid)
+                fk = _flat(first[0][pt] + po[0], first[1].view(-1, 1) + po[1], first[2].view(1, -1) + po[2], pg)
                 keep = fqe >= fk.view(nbh, nbw, 1, 1, 1)
             # unused list slots hold BIG starts: mask them out
             used = (
@@ -374,13 +393,18 @@ class AttentionPlan:
             # key bricks of block_m keys, query tiles of block_n queries (the forward's sizes, so the
             # kernels compile to the same block shapes); shapes chosen for the inverse windows unless
             # the config fixes them (then mirrored from the forward)
-            nb, nt = math.prod(self.fwd.brick), math.prod(self.fwd.tile)
-            if self.config.q_brick is not None and self.config.k_tile is not None:
+            nb, nt = math.prod(self.fwd.brick), self.config.bwd_tile or math.prod(self.fwd.tile)
+            if self.config.q_brick is not None and self.config.k_tile is not None and nt == math.prod(self.fwd.tile):
                 brick = _clip_dims(self.fwd.brick, spec.kv_grid, nb)
                 tile = _clip_dims(self.fwd.tile, spec.q_grid, nt)
             else:
                 brick, tile = _choose(spec.kv_grid, spec.q_grid, inv, nb, nt, raster)
-            self._bwd = _make_sweep(spec.kv_grid, spec.q_grid, inv, brick, tile, raster)
+            sweep = _make_sweep(spec.kv_grid, spec.q_grid, inv, brick, tile, raster,
+                                *_raster_frame(spec, keys_primary=True))
+            sweep.uniform = all(
+                _rows_uniform(lo, hi, a.start, b)
+                for (lo, hi), a, b in zip(_spec_intervals(spec), sweep.axes, tile))
+            self._bwd = sweep
         return self._bwd
 
     def device_tensors(self, device: torch.device, which: str) -> Dict[str, torch.Tensor]:
@@ -463,6 +487,14 @@ def _choose(primary_grid, secondary_grid, intervals, block_p: int, block_s: int,
             # ties: wider w (contiguous rows coalesce), then wider h
             ranked.append(((cost, -pb[2], -st[2], -pb[1], -st[1]), pb, st))
     ranked.sort()
+    # Stride-aligned bricks (every row of every brick shares one window, section 3a) run without
+    # per-element masks (UNIFORM): prefer the best such brick unless it scores 5% more pairs.
+    uniform = {pb: all(_rows_uniform(lo, hi, torch.arange(_cdiv(lo.numel(), b)) * b, b)
+                       for (lo, hi), b in zip(intervals, pb)) for pb in p_cands}
+    aligned = [r for r in ranked if uniform[r[1]] and r[0][0] <= 1.05 * ranked[0][0][0]]
+    if aligned and not uniform[ranked[0][1]]:
+        ranked.remove(aligned[0])
+        ranked.insert(0, aligned[0])
     if raster is None:
         return ranked[0][1], ranked[0][2]
     best_cost = ranked[0][0][0]
@@ -490,14 +522,46 @@ def build_plan(spec: WindowSpec, config: BlockConfig) -> AttentionPlan:
         kt = config.k_tile or kt
     intervals = _spec_intervals(spec)
     win = torch.cat([torch.cat([lo, hi]) for lo, hi in intervals]).to(torch.int32)
-    fwd = _make_sweep(spec.q_grid, spec.kv_grid, intervals, qb, kt, "fwd" if spec.raster_causal else None)
+    fwd = _make_sweep(spec.q_grid, spec.kv_grid, intervals, qb, kt, "fwd" if spec.raster_causal else None,
+                      *_raster_frame(spec, keys_primary=False))
+    fwd.uniform = all(
+        _rows_uniform(lo, hi, torch.arange(_cdiv(lo.numel(), b)) * b, b) for (lo, hi), b in zip(intervals, qb))
     return AttentionPlan(spec, config, win, fwd)
 
 
-@functools.lru_cache(maxsize=256)
+def _raster_frame(spec: WindowSpec, keys_primary: bool):
+    """``(p_origin, s_origin, full)`` of :func:`_make_sweep` for a spec (global raster order on slabs)."""
+    if spec.slab is None:
+        return (0, 0, 0), (0, 0, 0), None
+    qo, ko = spec.slab.q_origin, spec.slab.k_origin
+    return (ko, qo, spec.k_full) if keys_primary else (qo, ko, spec.q_full)
+
+
+_PLANS: Dict[Tuple[WindowSpec, BlockConfig], AttentionPlan] = {}
+_PLANS_LOCK = threading.Lock()
+
+
 def get_plan(spec: WindowSpec, config: BlockConfig) -> AttentionPlan:
-    """Cached :func:`build_plan` (plans are immutable once built; device copies are cached inside)."""
-    return build_plan(spec, config)
+    """Cached :func:`build_plan`, keyed on ``(spec, config)``.
+
+    Plans are immutable once built and keep their device tables (:meth:`AttentionPlan.device_tensors`)
+    alive for as long as they are cached: a captured CUDA graph that replays a launch reads those
+    tables, so the cache never evicts. :func:`clear_plan_cache` drops everything (only when no captured
+    graph that used the Triton backend will be replayed again).
+    """
+    key = (spec, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = build_plan(spec, config)
+        with _PLANS_LOCK:
+            plan = _PLANS.setdefault(key, plan)
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Drop every cached Triton plan and its device tables (see :func:`get_plan`)."""
+    with _PLANS_LOCK:
+        _PLANS.clear()
 
 
 # ----------------------------------------------------------------------------------------------
