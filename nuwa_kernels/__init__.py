@@ -30,12 +30,15 @@ __all__ = [
     "merge_attentions",
     "Slab",
     "tile_stats",
+    "aligned_stride",
+    "clear_plan_cache",
     "can_run",
     "available_backends",
     "BackendUnavailableError",
     "distributed",
 ]
 __version__ = "0.2.0"
+from .backends.triton import aligned_stride, clear_plan_cache  # noqa: E402  (stride-aligned tiles, plan cache)
 from .backends.triton.stats import tile_stats  # noqa: E402  (Triton tile-schedule statistics)
 
 

@@ -15,6 +15,8 @@ accumulation dtype, and gradients shaped like their inputs.
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple
 
 import torch
@@ -51,6 +53,31 @@ def _fake_bwd(grad_out, query, key, value, lse, delta, *window_args_and_scale):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
+def eager_delta(grad_out: Tensor, out: Tensor, grad_lse) -> Tensor:
+    """``delta = rowsum(dO * O) - dLSE`` in the accumulation dtype (PyTorch ops; backends may fuse it)."""
+    acc = accum_dtype(out.dtype)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+    return delta if grad_lse is None else delta - grad_lse.to(acc)
+
+
+@dataclass(frozen=True)
+class OpPair:
+    """One backend's forward/backward ops and how eager calls run them.
+
+    Attributes:
+        fwd, bwd: the registered ops (``torch.library``: fake kernels, autograd, ``torch.compile``).
+        fwd_eager, bwd_eager: what an eager call runs below autograd: the op itself for C++ ops, the
+            Python implementation for Python custom ops (no dispatcher round trip on the host path).
+        delta: ``(grad_out, out, grad_lse) -> delta`` for the backward.
+    """
+
+    fwd: Callable
+    bwd: Callable
+    fwd_eager: Callable
+    bwd_eager: Callable
+    delta: Callable = eager_delta
+
+
 def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
     """Register the shared fake kernels and the autograd formula for one backend's op pair.
 
@@ -74,24 +101,22 @@ def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
         ctx.args = tuple(list(a) if isinstance(a, (list, tuple)) else a for a in inputs[3:])
 
     def backward(ctx, grad_out, grad_lse):
-        return _backward(bwd_op, ctx.saved_tensors, ctx.args, grad_out, grad_lse) + (None,) * len(ctx.args)
+        # The registered autograd is what torch.compile traces (fake tensors): delta from traceable
+        # PyTorch ops here; eager calls take _EagerCall and the backend's fused delta.
+        return _backward(bwd_op, eager_delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse) + (None,) * len(ctx.args)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
-def _backward(bwd_op, saved, args, grad_out, grad_lse) -> Tuple[Tensor, Tensor, Tensor]:
+def _backward(bwd_op, delta_fn, saved, args, grad_out, grad_lse) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of one op pair: the fused ``bwd`` op, or under grad mode (``create_graph=True``) a
     differentiable recomputation (exact second order)."""
     query, key, value, out, lse = saved
     if torch.is_grad_enabled():
         return tuple(_differentiable_backward(query, key, value, grad_out, grad_lse, args))
-    acc = lse.dtype
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(acc)
-    return tuple(bwd_op(grad_out, query, key, value, lse, delta, *args))
+    return tuple(bwd_op(grad_out, query, key, value, lse, delta_fn(grad_out, out, grad_lse), *args))
 
 
 class _EagerCall(torch.autograd.Function):
@@ -100,30 +125,30 @@ class _EagerCall(torch.autograd.Function):
     ``torch.compile`` the registered op is used instead (see :func:`call`)."""
 
     @staticmethod
-    def forward(ctx, fwd_op, bwd_op, query, key, value, *args):
+    def forward(ctx, pair: OpPair, query, key, value, *args):
         with torch._C._AutoDispatchBelowAutograd():
-            out, lse = fwd_op(query, key, value, *args)
+            out, lse = pair.fwd_eager(query, key, value, *args)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.bwd_op, ctx.args = bwd_op, args
+        ctx.pair, ctx.args = pair, args
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        grads = _backward(ctx.bwd_op, ctx.saved_tensors, ctx.args, grad_out, grad_lse)
-        return (None, None) + grads + (None,) * len(ctx.args)
+        with torch._C._AutoDispatchBelowAutograd() if not torch.is_grad_enabled() else contextlib.nullcontext():
+            grads = _backward(ctx.pair.bwd_eager, ctx.pair.delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse)
+        return (None,) + grads + (None,) * len(ctx.args)
 
 
-def call(fwd_op, bwd_op, query: Tensor, key: Tensor, value: Tensor, *args) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)`` of a registered op pair, differentiable: the registered op while compiling (fake
-    kernels, traceable autograd), a lean eager path otherwise (no autograd work when no input needs
-    gradients)."""
+def call(pair: OpPair, query: Tensor, key: Tensor, value: Tensor, *args) -> Tuple[Tensor, Tensor]:
+    """``(out, lse)`` of an op pair, differentiable: the registered op while compiling (fake kernels,
+    traceable autograd), a lean eager path otherwise (no autograd work when no input needs gradients)."""
     if torch.compiler.is_compiling():
-        return fwd_op(query, key, value, *args)
+        return pair.fwd(query, key, value, *args)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return _EagerCall.apply(fwd_op, bwd_op, query, key, value, *args)
+        return _EagerCall.apply(pair, query, key, value, *args)
     with torch._C._AutoDispatchBelowAutograd():
-        return fwd_op(query, key, value, *args)
+        return pair.fwd_eager(query, key, value, *args)
 
 
 def _differentiable_backward(query, key, value, grad_out, grad_lse, args):
@@ -147,14 +172,16 @@ def _resolve(name: str):
     return getattr(getattr(torch.ops, ns), op).default
 
 
-def define_python_ops(prefix: str, fwd_impl: FwdFn, bwd_impl: BwdFn, device_types: Sequence[str] | None = None):
+def define_python_ops(prefix: str, fwd_impl: FwdFn, bwd_impl: BwdFn, device_types: Sequence[str] | None = None,
+                      delta: Callable = eager_delta) -> OpPair:
     """Declare ``nuwa_kernels::{prefix}_fwd`` / ``_bwd`` as Python custom ops with the shared schema,
-    register fake kernels and autograd, and return the two op overloads."""
+    register fake kernels and autograd, and return the :class:`OpPair` (eager calls run the Python
+    implementations directly)."""
     fwd_name, bwd_name = f"nuwa_kernels::{prefix}_fwd", f"nuwa_kernels::{prefix}_bwd"
     torch.library.custom_op(fwd_name, fwd_impl, mutates_args=(), device_types=device_types, schema=FWD_SCHEMA)
     torch.library.custom_op(bwd_name, bwd_impl, mutates_args=(), device_types=device_types, schema=BWD_SCHEMA)
     register_fake_and_autograd(fwd_name, bwd_name)
-    return _resolve(fwd_name), _resolve(bwd_name)
+    return OpPair(_resolve(fwd_name), _resolve(bwd_name), fwd_impl, bwd_impl, delta)
 
 
 def spec_op_args(spec) -> tuple:

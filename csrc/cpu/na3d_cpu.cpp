@@ -2,6 +2,11 @@
 //
 // Semantics: docs/nearby_attention.md; tensor conventions: docs/DESIGN.md; window maths: window.h.
 //
+// Two families of kernels. The lane kernels (lane_kernels.h: queries in vector lanes, keys at flat shifts,
+// register-blocked small GEMMs over transposed rings of keys/values) run every problem whose key grid has
+// the query grid's H and W and whose head dims are whole vectors (NUWA_CPU_LANES=0 turns them off); the
+// row kernels below run the rest (cross grids of other H/W, odd head dims). Row kernels:
+//
 // Layout of the work:
 // * Every query visits only the keys of its window (never a masked key). The (t, h) window of a query
 //   row is shared by the whole row, so a block of neighbouring queries of one row walks the key rows
@@ -38,6 +43,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -403,9 +409,9 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
 
 Problem make_problem(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                      at::IntArrayRef kernel_size, const c10::List<bool>& causal_axes, bool raster, bool shift,
-                     double scale) {
+                     at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
   Problem pr;
-  pr.p = nuwa::window_params(query, key, kernel_size, causal_axes, raster, shift);
+  pr.p = nuwa::window_params(query, key, kernel_size, causal_axes, raster, shift, stride, slab);
   pr.B = query.size(0);
   pr.heads = query.size(4);
   pr.heads_kv = key.size(4);
@@ -535,13 +541,13 @@ struct BlockSegments {
   // Whether raster causality empties key row (kt, kh) and every later row of the raster walk for the
   // whole block: its first candidate key (column base_ulo) is past the block's last query.
   bool past(int64_t kt, int64_t kh) const {
-    const int64_t flat_row_k = (kt * pr.p.k_len[1] + kh) * pr.p.k_len[2];
+    const int64_t flat_row_k = key_row_flat(pr.p, kt, kh);
     return pr.p.raster && flat_row_k + base_ulo > flat_row_q + w0 + nb - 1;
   }
 
   // Segments on key row (kt, kh): sets *lo, *n (arrays of nb) and the union [*ulo, *uhi].
   void row(int64_t kt, int64_t kh, const int64_t** lo, const int64_t** n, int64_t* ulo, int64_t* uhi) {
-    const int64_t flat_row_k = (kt * pr.p.k_len[1] + kh) * pr.p.k_len[2];
+    const int64_t flat_row_k = key_row_flat(pr.p, kt, kh);
     if (!pr.p.raster || flat_row_k + base_uhi <= flat_row_q + w0) {
       *lo = base_lo;
       *n = base_n;
@@ -687,7 +693,7 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
     A* Xp = inv_l + Wb;         // [Wk, max(D, Dv)] packed key or value row
     int64_t* cnt = sc.idx.data();  // [Wb], then 4 * Wb for BlockSegments
     const Interval wt = pr.win[0][r.t], wh = pr.win[1][r.h];
-    const int64_t flat_row_q = (r.t * H + r.h) * W;
+    const int64_t flat_row_q = query_row_flat(pr.p, r.t, r.h);
     const int64_t row_out = ((r.b * T + r.t) * H + r.h) * W;  // flat (b, t, h, 0) of the outputs
     const HeadRows<S> qh = head_rows(q, qs, r.b, r.head, D);
     const HeadRows<S> kh_ = head_rows(k, ks, r.b, r.g, D);
@@ -785,7 +791,7 @@ void bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strid
     A* Dr = Lr + rb;            // [rb] delta of each entry's query
     int64_t* off = sc.idx.data();  // [Wb], then 4 * Wb for BlockSegments
     const Interval wt = pr.win[0][r.t], wh = pr.win[1][r.h];
-    const int64_t flat_row_q = (r.t * H + r.h) * W;
+    const int64_t flat_row_q = query_row_flat(pr.p, r.t, r.h);
     const HeadRows<S> qh = head_rows(q, qs, r.b, r.head, D);
     const HeadRows<S> gh = head_rows(go, gs, r.b, r.head, Dv);
     const HeadRows<A> lh = head_rows(lse, ls, r.b, r.head, 1);
@@ -863,7 +869,7 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
     const Interval it = pr.inv[0][kt], ih = pr.inv[1][kh];
     const HeadRows<S> kh_ = head_rows(k, ks, b, g, D);
     const HeadRows<S> vh = head_rows(v, vs, b, g, Dv);
-    const int64_t flat_row_k = (kt * Hk + kh) * Wk;
+    const int64_t flat_row_k = key_row_flat(pr.p, kt, kh);
     for (int64_t k0 = 0; k0 < Wk; k0 += Kb_n) {
       const int64_t nb = std::min(Kb_n, Wk - k0);
       kh_.template gather<kUnit>(Kb, kt, kh, k0, nb);
@@ -871,7 +877,7 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
       std::fill(dKb, dKb + nb * (D + Dv), A(0));  // dKb and dVb are adjacent
       for (int64_t t = it.lo; t <= it.hi; ++t) {
         for (int64_t h = ih.lo; h <= ih.hi; ++h) {
-          const int64_t flat_row_q = (t * H + h) * W;
+          const int64_t flat_row_q = query_row_flat(pr.p, t, h);
           // Query segments of the block's keys on this query row, and their union.
           int64_t ulo = std::numeric_limits<int64_t>::max(), uhi = -1;
           for (int64_t i = 0; i < nb; ++i) {
@@ -920,6 +926,18 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
   });
 }
 
+#include "lane_kernels.h"
+
+// Whether the lane kernels may run (NUWA_CPU_LANES=0 turns them off: the row kernels then run every
+// problem; for comparisons and tests).
+inline bool lanes_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("NUWA_CPU_LANES");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Op entry points (CPU dispatch key)
 // ------------------------------------------------------------------------------------------------
@@ -945,7 +963,7 @@ inline void with_unit(bool unit, const F& f) {
 std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
                                                 const at::Tensor& value, at::IntArrayRef kernel_size,
                                                 c10::List<bool> causal_axes, bool raster_causal, bool shift_border,
-                                                double scale) {
+                                                at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
   check_inputs(query, key, value, kernel_size, causal_axes);
   TORCH_CHECK(query.device().is_cpu(), "na3d_fwd (CPU kernel): tensors must be on the CPU");
   const auto dtype = query.scalar_type();
@@ -960,16 +978,21 @@ std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const a
     lse.fill_(-std::numeric_limits<double>::infinity());
     return {out, lse};
   }
-  const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale);
+  const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale);
   const bool unit = unit_last(query) && unit_last(key) && unit_last(value);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "na3d_fwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* qp = query.const_data_ptr<scalar_t>();
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
+    const bool lanes = lanes_enabled() && lane_ok<A>(pr);
     with_unit(unit, [&](auto u) {
-      fwd_kernel<scalar_t, decltype(u)::value>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
-                                               out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+      if (lanes)
+        lane_fwd_kernel<scalar_t, decltype(u)::value>(pr, qp, strides_of(query), kp, strides_of(key), vp,
+                                                      strides_of(value), out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+      else
+        fwd_kernel<scalar_t, decltype(u)::value>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
+                                                 out.data_ptr<scalar_t>(), lse.data_ptr<A>());
     });
   });
   return {out, lse};
@@ -978,7 +1001,7 @@ std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& lse_in, const at::Tensor& delta_in, at::IntArrayRef kernel_size, c10::List<bool> causal_axes,
-    bool raster_causal, bool shift_border, double scale) {
+    bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
   check_inputs(query, key, value, kernel_size, causal_axes);
   TORCH_CHECK(query.device().is_cpu(), "na3d_bwd (CPU kernel): tensors must be on the CPU");
   const auto dtype = query.scalar_type();
@@ -1008,7 +1031,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
     dv.zero_();
     return {dq, dk, dv};
   }
-  const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, scale);
+  const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale);
   const bool unit = unit_last(query) && unit_last(key) && unit_last(value) && unit_last(go);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "na3d_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
@@ -1020,8 +1043,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
     const A* dlp = delta.const_data_ptr<A>();
     const Strides gs = strides_of(go), qs = strides_of(query), ks = strides_of(key), vs = strides_of(value);
     const Strides ls = strides_of(lse), dls = strides_of(delta);
+    const bool lanes = lanes_enabled() && lane_ok<A>(pr);
     with_unit(unit, [&](auto u) {
       constexpr bool kUnit = decltype(u)::value;
+      if (lanes) {
+        lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
+                                            dq.data_ptr<scalar_t>());
+        lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
+                                             dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
+        return;
+      }
       bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dq.data_ptr<scalar_t>());
       bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls, dk.data_ptr<scalar_t>(),
                                       dv.data_ptr<scalar_t>());

@@ -51,6 +51,17 @@ def fwd_op():
     return torch.ops.nuwa_kernels.na3d_fwd.default
 
 
+_PAIR = None
+
+
+def pair() -> "_ops.OpPair":
+    """The fused :class:`~nuwa_kernels._ops.OpPair` (the C++ ops serve eager calls too)."""
+    global _PAIR
+    if _PAIR is None:
+        _PAIR = _ops.OpPair(fwd_op(), bwd_op(), fwd_op(), bwd_op())
+    return _PAIR
+
+
 def bwd_op():
     """``torch.ops.nuwa_kernels.na3d_bwd.default`` (the extension must be loaded)."""
     return torch.ops.nuwa_kernels.na3d_bwd.default

@@ -34,4 +34,4 @@ def forward(
 ) -> Tuple[Tensor, Tensor]:
     """``(out, lse)``: ``out (B, T, H, W, heads, Dv)`` in the input dtype, ``lse (B, T, H, W, heads)`` in
     the accumulation dtype; differentiable with respect to ``query``, ``key`` and ``value``."""
-    return _ops.call(_fused_ops.fwd_op(), _fused_ops.bwd_op(), query, key, value, *_ops.spec_op_args(spec), float(scale))
+    return _ops.call(_fused_ops.pair(), query, key, value, *_ops.spec_op_args(spec), float(scale))

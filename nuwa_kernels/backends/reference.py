@@ -161,9 +161,10 @@ def differentiable_forward(query, key, value, kernel_size, causal_axes, raster_c
         return out.reshape(B, T, H, W, heads, -1), torch.cat(lses, 1).reshape(B, T, H, W, heads)
 
 
-FWD_OP, BWD_OP = _ops.define_python_ops("reference", _fwd_impl, _bwd_impl)
+PAIR = _ops.define_python_ops("reference", _fwd_impl, _bwd_impl)
+FWD_OP, BWD_OP = PAIR.fwd, PAIR.bwd
 
 
 def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: float) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` through ``nuwa_kernels::reference_fwd`` (differentiable)."""
-    return _ops.call(FWD_OP, BWD_OP, query, key, value, *_ops.spec_op_args(spec), scale)
+    return _ops.call(PAIR, query, key, value, *_ops.spec_op_args(spec), scale)

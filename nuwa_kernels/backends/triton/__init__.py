@@ -141,7 +141,8 @@ def _numel3(g) -> int:
     return int(g[0]) * int(g[1]) * int(g[2])
 
 
-triton_fwd, triton_bwd = _ops.define_python_ops(NAME, _fwd_impl, _bwd_impl)
+PAIR = _ops.define_python_ops(NAME, _fwd_impl, _bwd_impl, delta=lambda g, o, dl: delta(g, o, dl))  # fused delta
+triton_fwd, triton_bwd = PAIR.fwd, PAIR.bwd
 
 
 def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: float) -> Tuple[Tensor, Tensor]:
@@ -154,7 +155,7 @@ def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: 
     Returns:
         ``out (B, T, H, W, heads, D)`` contiguous in the input dtype, ``lse (B, T, H, W, heads)`` float32.
     """
-    return _ops.call(triton_fwd, triton_bwd, query, key, value, *_ops.spec_op_args(spec), float(scale))
+    return _ops.call(PAIR, query, key, value, *_ops.spec_op_args(spec), float(scale))
 
 
 def tile_stats(*args, **kwargs):

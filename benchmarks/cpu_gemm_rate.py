@@ -1,0 +1,131 @@
+"""The fused CPU kernel against the GEMM rate and against SDPA, all in one process (issue 13).
+
+    python -m benchmarks.cpu_gemm_rate [--reps 7] [--cases 333,777,133,333c,777c] [--bwd]
+
+For each case on the NÜWA video grid (10x21x21, 8 heads, D=64, fp32, B=1, default threads): the
+median time of ``nearby_attention(backend="cpu")`` forward (and forward+backward with ``--bwd``), the
+useful GFLOP/s (4*D FLOPs per allowed (query, key) pair and head forward, 14*D forward+backward:
+QK^T, PV; then QK^T, dP, dS K, dS^T Q, P^T dO again), its share of the same-process ``torch.mm``
+fp32 rate, and the speedup over full SDPA (``is_causal=True`` SDPA for the raster-causal cases).
+Medians of several repeats; the ``uptime`` load is printed beside the results (shared cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import nuwa_kernels
+from nuwa_kernels.window import make_window_spec, window_mask
+
+CASES = {
+    "333": ((3, 3, 3), False),
+    "777": ((7, 7, 7), False),
+    "133": ((1, 3, 3), False),
+    "333c": ((3, 3, 3), True),
+    "777c": ((7, 7, 7), True),
+}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+CLOCK = time.perf_counter
+
+
+def timeit(fn, reps: int, warm: int = 2) -> float:
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = CLOCK()
+        fn()
+        ts.append(CLOCK() - t0)
+    return statistics.median(ts)
+
+
+def mm_rate(reps: int) -> float:
+    n = 1024
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    t = timeit(lambda: torch.mm(a, b), reps * 3)
+    return 2 * n ** 3 / t / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--bwd", action="store_true")
+    ap.add_argument("--grid", default="10,21,21")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="one thread, process CPU time instead of wall time (a busy machine: the work, not the waits)")
+    args = ap.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+        torch.set_num_threads(1)
+    grid = tuple(int(x) for x in args.grid.split(","))
+    heads, D = args.heads, args.dim
+    N = grid[0] * grid[1] * grid[2]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, *grid, heads, D) for _ in range(3))
+    print(f"cpu: {cpu_name()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
+          f"build {nuwa_kernels._build_info.BUILD.get('cpu_arch') if hasattr(nuwa_kernels, '_build_info') else '?'}")
+    rate = mm_rate(args.reps)
+    print(f"torch.mm fp32 1024^3: {rate:.1f} GFLOP/s")
+    sd = {}
+    if not args.no_sdpa:
+        qs, ks, vs = (x.flatten(1, 3).transpose(1, 2).contiguous() for x in (q, k, v))
+        for causal in (False, True):
+            sd[causal] = timeit(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal),
+                                max(3, args.reps // 2), warm=1)
+            print(f"SDPA full{' causal' if causal else ''}: {sd[causal] * 1e3:.1f} ms")
+    for name in args.cases.split(","):
+        ks_, causal = CASES[name]
+        spec = make_window_spec(grid, grid, ks_, causal, "truncate")
+        pairs = int(window_mask(spec).sum())
+        flops = 4 * D * pairs * heads
+
+        def fwd():
+            return nuwa_kernels.nearby_attention(q, k, v, kernel_size=ks_, causal=causal, backend="cpu")
+
+        t = timeit(fwd, args.reps)
+        g = flops / t / 1e9
+        line = (f"{name:5s} fwd {t * 1e3:7.2f} ms  {g:6.1f} GFLOP/s  {100 * g / rate:5.1f}% of mm")
+        if sd:
+            line += f"  {sd[causal] / t:6.1f}x SDPA"
+        if args.bwd:
+            qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+            go = torch.randn_like(q)
+
+            def fb():
+                o = nuwa_kernels.nearby_attention(qg, kg, vg, kernel_size=ks_, causal=causal, backend="cpu")
+                o.backward(go)
+
+            tb = timeit(fb, max(3, args.reps // 2))
+            gb = 14 * D * pairs * heads / tb / 1e9
+            line += f" | fwd+bwd {tb * 1e3:7.2f} ms {gb:6.1f} GFLOP/s {100 * gb / rate:5.1f}% of mm"
+        print(line, flush=True)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

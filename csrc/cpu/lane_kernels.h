@@ -1,0 +1,761 @@
+// Lane kernels of 3D nearby attention on the CPU: queries in vector lanes. Included by na3d_cpu.cpp inside
+// its anonymous namespace (it uses that file's Vec, Problem, Strides, HeadRows, exp_acc, ...).
+//
+// When the key grid has the query grid's H and W (self-attention, and slabs that differ only in T),
+// the key (t + dt, h + dh, w + dw) of query (t, h, w) sits at local flat index
+// flat(query) + dt * H * W + dh * W + dw: a shift that is the same for every query. A block of L
+// consecutive flat queries (L = lanes of one 512-bit register: 16 float, 8 double; the block may span
+// rows and frames) then sees, for each shift of the union of its windows, the L consecutive keys starting
+// at q0 + shift, lane i with query q0 + i. Which lanes a shift is valid for is a bit mask: the product of
+// the per-axis masks (window.h's window_on_axis per lane and axis, relative to the lane's coordinate),
+// cut by raster causality, which for a shift is the same for every lane (global flat indices from
+// query_row_flat / key_row_flat are linear). Shifts valid for no lane are dropped.
+//
+// Forward, per block: scores S[e] = Q^T-block . K^T[columns q0 + shift_e ...] for every entry e, a vector
+// of L lanes, as a register-blocked small GEMM over the head dim (8 entries of accumulators, the query
+// block transposed and scaled once); masked lanes -inf; softmax per lane, vectorised over queries (max,
+// vectorised exp, one sum chain in entry order); then O^T[d] = sum_e P[e] * V^T[d][columns ...] the same
+// way (8 rows of d in registers), scaled by 1 / sum and transposed into the output rows. K^T and V^T are
+// kept in rings of transposed columns (TransposedRing) that advance with the query blocks: each key is
+// transposed once per task with 16 x 16 in-register transposes (AVX-512; scalar otherwise) and the
+// window's reach stays in L2. Grouped heads of a kv head share the rings and the block's entries.
+//
+// Backward: a query pass (dQ) and a key pass (dK, dV), both in this form. Query pass, per query block:
+// S from the K^T ring, dP = dO^T-block . V^T ring, P = exp(scale s - lse), dS = P (dP - delta), dQ^T =
+// scale sum_e dS[e] K^T[...]. Key pass, per block of L keys (the entries from window.h's inverse windows,
+// raster causality kept as flat(query) >= flat(key)): rings of Q^T, dO^T, lse and delta over query
+// columns per head of the group, S^T = (scale K)^T-block . Q^T ring, dP^T = V^T-block . dO^T ring, then
+// dV^T += sum_e P[e] dO^T[...], dK^T += scale sum_e dS[e] Q^T[...], summed over the group's heads. Every
+// output element is summed by one task in entry (shift) order, masked lanes adding exact zeros: no
+// atomics, and results that do not depend on the chunking into tasks nor on the thread count.
+//
+// Limits: masked lanes multiply zero probabilities by in-grid keys/values outside the window, so an
+// inf/NaN in a key or value outside a query's window is not ignored as the row kernels ignore it.
+
+// ------------------------------------------------------------------------------------------------
+// Vector helpers
+// ------------------------------------------------------------------------------------------------
+
+template <typename A>
+using LaneInt = typename std::conditional<sizeof(A) == 4, int32_t, int64_t>::type;
+template <typename A>
+struct VecIOf {
+  typedef LaneInt<A> type __attribute__((vector_size(64)));
+};
+template <typename A>
+using VecI = typename VecIOf<A>::type;
+
+template <typename A>
+inline Vec<A> vsplat(A x) {
+  return Vec<A>{} + x;
+}
+template <typename A>
+inline Vec<A> vld(const A* p) {
+  Vec<A> r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+template <typename A>
+inline void vst(A* p, const Vec<A>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Lanes whose bit is set in `mask`, as an all-ones integer lane.
+template <typename A>
+inline VecI<A> lane_mask(uint32_t mask) {
+  constexpr int L = kLanes<A>;
+  VecI<A> bits;
+  for (int l = 0; l < L; ++l) bits[l] = LaneInt<A>(1) << l;
+  return (VecI<A>{} + LaneInt<A>(mask) & bits) != 0;
+}
+
+// Entries (scores) or head-dim rows (P V) accumulated side by side in registers: 8 vectors of 64 bytes
+// with AVX-512's 32 registers, 4 (8 ymm) with AVX2's 16, which would otherwise spill.
+#if defined(__AVX512F__)
+constexpr int kLaneBlock = 8;
+#else
+constexpr int kLaneBlock = 4;
+#endif
+
+// Vectorised exp_acc (same polynomial and rounding; 0 below the float range).
+inline Vec<float> exp_vec(Vec<float> x) {
+  const Vec<float> lo = vsplat(-87.33654475f), hi = vsplat(88.0f);
+  Vec<float> xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const Vec<float> n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  Vec<float> r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const Vec<float> r2 = r * r;
+  Vec<float> y = vsplat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r2 + r + 1.0f;
+  const VecI<float> bits = (__builtin_convertvector(n, VecI<float>) + 127) << 23;
+  Vec<float> p2;
+  std::memcpy(&p2, &bits, sizeof(p2));
+  const Vec<float> res = y * p2;
+  return x < lo ? Vec<float>{} : res;
+}
+inline Vec<double> exp_vec(Vec<double> x) {
+  for (int l = 0; l < 8; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+template <typename A>
+inline A hmax(const Vec<A>& v) {
+  A m = v[0];
+  for (int l = 1; l < kLanes<A>; ++l) m = std::max(m, v[l]);
+  return m;
+}
+
+// dst[d * ld + i] = src[i * rs + d] for i < rows (<= L), d < D; lanes rows..L-1 are set to 0.
+template <typename A>
+inline void transpose_rows(A* __restrict dst, int64_t ld, const A* __restrict src, int64_t rs, int rows, int64_t D) {
+  constexpr int L = kLanes<A>;
+  int64_t d0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<A, float>::value) {
+    if (rows == L) {
+      for (; d0 + 16 <= D; d0 += 16) {
+        __m512 r[16], t[16];
+        const float* sp = src + d0;
+        for (int i = 0; i < 16; ++i, sp += rs) r[i] = _mm512_loadu_ps(sp);
+        for (int k = 0; k < 8; ++k) {
+          t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+          t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+        }
+        for (int k = 0; k < 4; ++k) {
+          r[4 * k + 0] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+          r[4 * k + 1] = _mm512_shuffle_ps(t[4 * k + 0], t[4 * k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+          r[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+          r[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        for (int e = 0; e < 4; ++e) {
+          t[e + 0] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88);
+          t[e + 4] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xDD);
+          t[e + 8] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
+          t[e + 12] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xDD);
+        }
+        for (int e = 0; e < 4; ++e) {
+          r[e] = _mm512_shuffle_f32x4(t[e], t[e + 8], 0x88);
+          r[4 + e] = _mm512_shuffle_f32x4(t[e + 4], t[e + 12], 0x88);
+          r[8 + e] = _mm512_shuffle_f32x4(t[e], t[e + 8], 0xDD);
+          r[12 + e] = _mm512_shuffle_f32x4(t[e + 4], t[e + 12], 0xDD);
+        }
+        float* dp = dst + d0 * ld;
+        for (int i = 0; i < 16; ++i, dp += ld) _mm512_storeu_ps(dp, r[i]);
+      }
+    }
+  }
+#endif
+  for (int64_t d = d0; d < D; ++d) {
+    A* y = dst + d * ld;
+    for (int i = 0; i < rows; ++i) y[i] = src[i * rs + d];
+    for (int i = rows; i < L; ++i) y[i] = A(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Geometry of the lane kernels
+// ------------------------------------------------------------------------------------------------
+
+// Whether the lane kernels run this problem: key H, W equal to the query's (flat shifts), head dims in
+// whole vectors.
+template <typename A>
+inline bool lane_ok(const Problem& pr) {
+  constexpr int L = kLanes<A>;
+  return pr.p.k_len[1] == pr.p.q_len[1] && pr.p.k_len[2] == pr.p.q_len[2] && pr.D > 0 && pr.Dv > 0 &&
+         pr.D % L == 0 && pr.Dv % L == 0;
+}
+
+// Per-axis extremes of the relative windows (key coordinate minus query coordinate) over all queries.
+struct LaneGeom {
+  int64_t H = 0, W = 0, HW = 0, Nq = 0, Nk = 0;
+  int64_t rlo[3] = {0, 0, 0}, rhi[3] = {0, 0, 0};  // extremes of rel lo / rel hi over non-empty windows
+  int64_t box_max = 1;                               // bound on the entries of one block
+  int64_t smin = 0, smax = 0;                        // extreme flat shifts
+};
+
+// key_side: the blocks are keys (Nq: keys, Nk: queries) and the tables the inverse windows.
+inline LaneGeom lane_geom(const Problem& pr, bool key_side = false) {
+  LaneGeom g;
+  g.H = pr.p.q_len[1];
+  g.W = pr.p.q_len[2];
+  g.HW = g.H * g.W;
+  g.Nq = (key_side ? pr.p.k_len[0] : pr.p.q_len[0]) * g.HW;
+  g.Nk = (key_side ? pr.p.q_len[0] : pr.p.k_len[0]) * g.HW;
+  const std::vector<Interval>* tab = key_side ? pr.inv : pr.win;
+  for (int a = 0; a < 3; ++a) {
+    int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+    for (int64_t i = 0; i < static_cast<int64_t>(tab[a].size()); ++i) {
+      const Interval w = tab[a][i];
+      if (w.lo > w.hi) continue;
+      lo = std::min(lo, w.lo - i);
+      hi = std::max(hi, w.hi - i);
+    }
+    if (lo > hi) lo = hi = 0;
+    g.rlo[a] = lo;
+    g.rhi[a] = hi;
+    g.box_max *= hi - lo + 1;
+  }
+  g.smin = g.rlo[0] * g.HW + g.rlo[1] * g.W + g.rlo[2];
+  g.smax = g.rhi[0] * g.HW + g.rhi[1] * g.W + g.rhi[2];
+  return g;
+}
+
+// The shifts of block q0 (nv valid lanes) and their lane masks, in increasing shift order. Returns the
+// count. mt/mh/mw: scratch of the per-axis box extents (rhi - rlo + 1 each).
+//
+// kKeySide: the block is one of keys and the entries are shifts to the queries that see them (window.h's
+// inverse windows, pr.inv); raster causality then keeps flat(query) >= flat(key).
+template <int L, bool kKeySide = false>
+inline int64_t lane_entries(const Problem& pr, const LaneGeom& g, int64_t q0, int nv, int64_t* shift, uint32_t* mask,
+                            uint32_t* mt, uint32_t* mh, uint32_t* mw) {
+  const std::vector<Interval>* tab = kKeySide ? pr.inv : pr.win;
+  int64_t t = q0 / g.HW, h = (q0 / g.W) % g.H, w = q0 % g.W;
+  const int64_t t0 = t, h0 = h, w0 = w;
+  int64_t lo[3] = {std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::max(),
+                   std::numeric_limits<int64_t>::max()};
+  int64_t hi[3] = {std::numeric_limits<int64_t>::min(), std::numeric_limits<int64_t>::min(),
+                   std::numeric_limits<int64_t>::min()};
+  int64_t rl[3][L], rh[3][L];
+  for (int i = 0; i < nv; ++i) {
+    const int64_t c[3] = {t, h, w};
+    for (int a = 0; a < 3; ++a) {
+      const Interval iv = tab[a][c[a]];
+      rl[a][i] = iv.lo - c[a];
+      rh[a][i] = iv.hi - c[a];
+      if (iv.lo <= iv.hi) {
+        lo[a] = std::min(lo[a], rl[a][i]);
+        hi[a] = std::max(hi[a], rh[a][i]);
+      }
+    }
+    if (++w == g.W) {
+      w = 0;
+      if (++h == g.H) {
+        h = 0;
+        ++t;
+      }
+    }
+  }
+  for (int a = 0; a < 3; ++a)
+    if (lo[a] > hi[a]) return 0;  // no lane has a key on this axis
+  uint32_t* m[3] = {mt, mh, mw};
+  for (int a = 0; a < 3; ++a) {
+    std::fill(m[a], m[a] + (hi[a] - lo[a] + 1), 0u);
+    for (int i = 0; i < nv; ++i)
+      for (int64_t r = rl[a][i]; r <= rh[a][i]; ++r) m[a][r - lo[a]] |= 1u << i;
+  }
+  const int64_t own_flat = kKeySide ? key_row_flat(pr.p, t0, h0) + w0 : query_row_flat(pr.p, t0, h0) + w0;
+  int64_t n = 0;
+  for (int64_t dt = lo[0]; dt <= hi[0]; ++dt) {
+    const uint32_t a = mt[dt - lo[0]];
+    if (!a) continue;
+    for (int64_t dh = lo[1]; dh <= hi[1]; ++dh) {
+      const uint32_t b = a & mh[dh - lo[1]];
+      if (!b) continue;
+      // Raster causality: flat(key) - flat(query) is the same for every lane; evaluated at lane 0.
+      const int64_t other_row = kKeySide ? query_row_flat(pr.p, t0 + dt, h0 + dh) + w0
+                                         : key_row_flat(pr.p, t0 + dt, h0 + dh) + w0;
+      for (int64_t dw = lo[2]; dw <= hi[2]; ++dw) {
+        const uint32_t c = b & mw[dw - lo[2]];
+        if (!c) continue;
+        if (pr.p.raster) {
+          if (!kKeySide && other_row + dw > own_flat) break;  // and every larger dw
+          if (kKeySide && other_row + dw < own_flat) continue;
+        }
+        shift[n] = dt * g.HW + dh * g.W + dw;
+        mask[n] = c;
+        ++n;
+      }
+    }
+  }
+  return n;
+}
+
+// Whether a (B, T, H, W, heads, X) tensor's tokens of one head are evenly spaced in flat order.
+inline bool flat_strides(const Strides& s, int64_t H, int64_t W) {
+  return s.s[2] == W * s.s[3] && s.s[1] == H * s.s[2];
+}
+
+// Calls f(t, h, w, n, pos) for the row segments of the flat token range [a, b) of a grid (H, W): n
+// tokens starting at (t, h, w), flat index pos.
+template <typename F>
+inline void for_each_segment(int64_t a, int64_t b, int64_t H, int64_t W, const F& f) {
+  int64_t pos = a;
+  while (pos < b) {
+    const int64_t w = pos % W, th = pos / W;
+    const int64_t n = std::min(W - w, b - pos);
+    f(th / H, th % H, w, n, pos);
+    pos += n;
+  }
+}
+
+// Reads tokens [a, b) of one head (rows of X elements) as contiguous rows of the accumulation type,
+// either in place (`direct`: pointer to token a, row stride) or packed into `buf`.
+template <typename S, bool kUnit, typename A>
+struct TokenRows {
+  const A* p;
+  int64_t rs;
+};
+
+template <bool kUnit, typename S, typename A>
+inline TokenRows<S, kUnit, A> token_rows(const HeadRows<S>& hr, bool direct, int64_t a, int64_t b, int64_t H,
+                                          int64_t W, A* buf) {
+  if constexpr (kUnit && std::is_same<S, A>::value) {
+    if (direct) return {reinterpret_cast<const A*>(hr.at(0, 0, 0)) + a * hr.st.s[3], hr.st.s[3]};
+  }
+  for_each_segment(a, b, H, W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t pos) {
+    hr.template gather<kUnit>(buf + (pos - a) * hr.X, t, h, w, n);
+  });
+  return {buf, hr.X};
+}
+
+// Prefetches the rows of tokens [a, b) of one head.
+template <typename S>
+inline void prefetch_tokens(const HeadRows<S>& hr, int64_t a, int64_t b, int64_t H, int64_t W) {
+  if (hr.st.s[2] == W * hr.st.s[3] && hr.st.s[1] == H * hr.st.s[2]) {
+    prefetch_rows(hr.at(0, 0, 0) + a * hr.st.s[3], b - a, hr.st.s[3], hr.st.s[5], hr.X);
+    return;
+  }
+  for_each_segment(a, b, H, W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t) { hr.prefetch(t, h, w, n); });
+}
+
+// S[e * L + lane] = A^T-block . X^T[pos_e ...] for M entries: a[d * L + lane] (d < D), xp[m] + d * ld.
+template <int M, typename A>
+__attribute__((always_inline)) inline void lane_dots(A* __restrict S, const A* __restrict a, const A* const* xp,
+                                                     int64_t ld, int64_t D) {
+  constexpr int L = kLanes<A>;
+  Vec<A> acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = Vec<A>{};
+  const A* x[M];
+  for (int m = 0; m < M; ++m) x[m] = xp[m];
+  for (int64_t d = 0; d < D; ++d) {
+    const Vec<A> q = vld(a + d * L);
+    for (int m = 0; m < M; ++m) acc[m] += q * vld(x[m] + d * ld);
+  }
+  for (int m = 0; m < M; ++m) vst(S + m * L, acc[m]);
+}
+
+// S[e] for entries e < n: a (transposed block, [D][L]) against the transposed rows X^T (d-major,
+// row length ld) at columns col[e].
+template <typename A>
+inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t* col, int64_t n, int64_t D) {
+  constexpr int L = kLanes<A>;
+  constexpr int kBatch = kLaneBlock;
+  const A* xp[kBatch];
+  int64_t e = 0;
+  for (; e + kBatch <= n; e += kBatch) {
+    for (int m = 0; m < kBatch; ++m) xp[m] = XT + col[e + m];
+    lane_dots<kBatch>(S + e * L, a, xp, ld, D);
+  }
+  const int r = static_cast<int>(n - e);
+  for (int m = 0; m < r; ++m) xp[m] = XT + col[e + m];
+  switch (r) {
+    case 7: lane_dots<(7 < kBatch ? 7 : 1)>(S + e * L, a, xp, ld, D); break;
+    case 6: lane_dots<(6 < kBatch ? 6 : 1)>(S + e * L, a, xp, ld, D); break;
+    case 5: lane_dots<(5 < kBatch ? 5 : 1)>(S + e * L, a, xp, ld, D); break;
+    case 4: lane_dots<(4 < kBatch ? 4 : 1)>(S + e * L, a, xp, ld, D); break;
+    case 3: lane_dots<3>(S + e * L, a, xp, ld, D); break;
+    case 2: lane_dots<2>(S + e * L, a, xp, ld, D); break;
+    case 1: lane_dots<1>(S + e * L, a, xp, ld, D); break;
+    default: break;
+  }
+}
+
+// Ot[d * L + lane] = sum_e c[e * L + lane] * X^T[d][col[e] + lane] for d < X (a multiple of 8): kLaneBlock
+// rows of d at once in registers, the entries streamed in order (c: zero on masked lanes).
+template <typename A>
+inline void lane_pv(A* __restrict Ot, const A* __restrict c, const A* __restrict XT, int64_t ld, const int64_t* col,
+                    int64_t n, int64_t X, bool accumulate = false) {
+  constexpr int L = kLanes<A>;
+  constexpr int B = kLaneBlock;
+  for (int64_t d0 = 0; d0 < X; d0 += B) {
+    Vec<A> acc[B];
+    for (int j = 0; j < B; ++j) acc[j] = accumulate ? vld(Ot + (d0 + j) * L) : Vec<A>{};
+    const A* xr = XT + d0 * ld;
+    for (int64_t e = 0; e < n; ++e) {
+      const Vec<A> p = vld(c + e * L);
+      const A* x = xr + col[e];
+      for (int j = 0; j < B; ++j) acc[j] += p * vld(x + j * ld);
+    }
+    for (int j = 0; j < B; ++j) vst(Ot + (d0 + j) * L, acc[j]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+
+// out rows (i < nv, row stride ors) = Ot[d * L + i] * f[i], d < X (X a multiple of L).
+template <typename S, typename A>
+inline void store_lanes(S* out, int64_t ors, A* Ot, const A* f, int nv, int64_t X, A* tmp) {
+  constexpr int L = kLanes<A>;
+  const Vec<A> fv = vld(f);
+  for (int64_t d = 0; d < X; ++d) vst(Ot + d * L, vld(Ot + d * L) * fv);
+  if constexpr (std::is_same<S, A>::value) {
+    if (nv == L) {
+      for (int64_t d0 = 0; d0 < X; d0 += L) transpose_rows(out + d0, ors, Ot + d0 * L, L, L, L);
+      return;
+    }
+  }
+  for (int64_t d0 = 0; d0 < X; d0 += L) transpose_rows(tmp + d0, X, Ot + d0 * L, L, L, nv);
+  for (int i = 0; i < nv; ++i) {
+    S* op = out + i * ors;
+    const A* src = tmp + i * X;
+    for (int64_t d = 0; d < X; ++d) op[d] = static_cast<S>(src[d]);
+  }
+}
+
+// Transposed key (or value) columns of one head in a ring: column c (flat key index) lives at slot
+// (c - origin) mod R of every row d (row stride R + L; slots [0, L) are mirrored at [R, R + L) so that a
+// vector load starting at any slot is contiguous). Columns are written in aligned groups of L as the
+// query blocks advance, so only the window's reach is held (L2-resident) and each column is transposed
+// once per task.
+template <typename S, bool kUnit, typename A>
+struct TransposedRing {
+  A* buf;
+  int64_t R, ld, origin, hi;  // columns [hi - R + L, hi) are valid
+  HeadRows<S> hr;
+  bool direct;
+  const LaneGeom* g;
+
+  static int64_t size_for(const LaneGeom& g, int L) { return round_up(g.smax - g.smin + 3 * L, L) + L; }
+
+  void init(A* b, const LaneGeom& g_, int L, int64_t first_col, const HeadRows<S>& h, bool dir) {
+    buf = b;
+    g = &g_;
+    R = size_for(g_, L);
+    ld = R + L + (((R + L) % 256 == 0) ? L : 0);
+    origin = first_col - ((first_col % L) + L) % L;  // aligned down
+    hi = origin;
+    hr = h;
+    direct = dir;
+  }
+  // Makes columns up to `need` (exclusive) valid.
+  void advance(int64_t need, A* tmp) {
+    constexpr int L = kLanes<A>;
+    while (hi < need) {
+      const int64_t slot = (hi - origin) % R;
+      const int64_t a = std::max<int64_t>(hi, 0), b = std::min<int64_t>(hi + L, g->Nk);
+      const int64_t X = hr.X;
+      if (b - a == L) {
+        if (hi + 3 * L <= g->Nk) prefetch_tokens(hr, hi + 2 * L, hi + 3 * L, g->H, g->W);
+        const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, b, g->H, g->W, tmp);
+        transpose_rows(buf + slot, ld, tr.p, tr.rs, L, X);
+      } else {
+        for (int64_t d = 0; d < X; ++d) std::fill(buf + d * ld + slot, buf + d * ld + slot + L, A(0));
+        if (b > a) {
+          const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, b, g->H, g->W, tmp);
+          for (int64_t d = 0; d < X; ++d)
+            for (int64_t j = a; j < b; ++j) buf[d * ld + slot + (j - hi)] = tr.p[(j - a) * tr.rs + d];
+        }
+      }
+      if (slot == 0)
+        for (int64_t d = 0; d < X; ++d) std::memcpy(buf + d * ld + R, buf + d * ld, L * sizeof(A));
+      hi += L;
+    }
+  }
+  int64_t slot(int64_t c) const { return (c - origin) % R; }
+  // Slots of columns base + shift[e] (|shift| < R), one division in all.
+  void slots(int64_t base, const int64_t* shift, int64_t n, int64_t* col) const {
+    const int64_t s0 = ((base - origin) % R + R) % R;
+    for (int64_t e = 0; e < n; ++e) {
+      int64_t x = s0 + shift[e];
+      x = x < 0 ? x + R : (x >= R ? x - R : x);
+      col[e] = x;
+    }
+  }
+};
+
+template <typename S, bool kUnit>
+void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
+                     acc_t<S>* lse) {
+  using A = acc_t<S>;
+  constexpr int L = kLanes<A>;
+  const LaneGeom g = lane_geom(pr);
+  const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads, group = pr.group;
+  // Chunks of queries per (batch, kv head): enough tasks for the threads (the forward's results do not
+  // depend on the chunking: each query's entries are summed in shift order, masked ones adding zeros).
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = std::max<int64_t>(1, (2 * nt + pr.B * pr.heads_kv - 1) / (pr.B * pr.heads_kv));
+  const int64_t chunk = round_up(std::max<int64_t>((g.Nq + want - 1) / want, 1), L);
+  const int64_t nch = (g.Nq + chunk - 1) / chunk;
+  const int64_t ntask = pr.B * pr.heads_kv * nch;
+  const bool kflat = flat_strides(ks, g.H, g.W), vflat = flat_strides(vs, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
+  const int64_t R = TransposedRing<S, kUnit, A>::size_for(g, L);
+  const int64_t ring = R + 3 * L;
+  const int64_t sbuf = g.box_max * L;
+  const int64_t X = std::max(D, Dv);
+  const int64_t scratch = (D + Dv) * ring + D * L + Dv * L + sbuf + L * X + 2 * L;
+  const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
+  const A scale = static_cast<A>(pr.scale);
+  parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
+    const int64_t c = task % nch, bg = task / nch;
+    const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
+    const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
+    A* Qt = sc.a.data();      // [D][L]   queries of the block, transposed and scaled
+    A* Ot = Qt + D * L;       // [Dv][L]  outputs of the block, transposed
+    A* Sb = Ot + Dv * L;      // [entries][L] scores, then probabilities
+    A* tmp = Sb + sbuf;       // [L][max(D, Dv)]
+    A* inv_l = tmp + L * X;   // [L]
+    A* kbuf = inv_l + 2 * L;  // rings: [D][ld], [Dv][ld]
+    int64_t* shift = sc.idx.data();
+    int64_t* col = shift + g.box_max;
+    uint32_t* mask = reinterpret_cast<uint32_t*>(col + g.box_max);
+    uint32_t* mt = reinterpret_cast<uint32_t*>(mask + 2 * g.box_max);
+    uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
+    uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
+    const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
+    TransposedRing<S, kUnit, A> kr, vr;
+    kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
+    vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv), vflat);
+    const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
+    for (int64_t q0 = qa; q0 < qb; q0 += L) {
+      const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
+      kr.advance(q0 + L + g.smax, tmp);
+      vr.advance(q0 + L + g.smax, tmp);
+      const int64_t n = lane_entries<L>(pr, g, q0, nv, shift, mask, mt, mh, mw);
+      kr.slots(q0, shift, n, col);
+      // Grouped heads share the block's keys, values and entries.
+      for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
+        const HeadRows<S> qh = head_rows(q, qs, b, head, D);
+        if (head + 1 < (gh + 1) * group)
+          prefetch_tokens(head_rows(q, qs, b, head + 1, D), q0, q0 + nv, g.H, g.W);
+        else if (q0 + L < qb)
+          prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g.H, g.W);
+        // Q^T of the block, scaled.
+        const TokenRows<S, kUnit, A> qr = token_rows<kUnit>(qh, qflat, q0, q0 + nv, g.H, g.W, tmp);
+        transpose_rows(Qt, L, qr.p, qr.rs, nv, D);
+        for (int64_t d = 0; d < D; ++d) vst(Qt + d * L, vld(Qt + d * L) * scale);
+        lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
+        // Softmax per lane over the valid entries; masked lanes get probability 0.
+        Vec<A> mx = ninf;
+        for (int64_t e = 0; e < n; ++e) {
+          Vec<A> s = vld(Sb + e * L);
+          s = lane_mask<A>(mask[e]) ? s : ninf;
+          vst(Sb + e * L, s);
+          mx = s > mx ? s : mx;
+        }
+        const Vec<A> msafe = mx == ninf ? Vec<A>{} : mx;
+        Vec<A> l = {};  // one chain in entry order: the same sums whatever the block alignment
+        for (int64_t e = 0; e < n; ++e) {
+          const Vec<A> p = exp_vec(vld(Sb + e * L) - msafe);
+          vst(Sb + e * L, p);
+          l += p;
+        }
+        for (int i = 0; i < L; ++i) {
+          const bool any = l[i] > A(0);
+          inv_l[i] = any ? A(1) / l[i] : A(0);
+          if (i < nv)
+            lse[(b * g.Nq + q0 + i) * heads + head] =
+                any ? msafe[i] + std::log(l[i]) : -std::numeric_limits<A>::infinity();
+        }
+        // out = P V: O^T in registers, then transposed into the output rows.
+        lane_pv(Ot, Sb, vr.buf, vr.ld, col, n, Dv);
+        store_lanes(out + ((b * g.Nq + q0) * heads + head) * Dv, heads * Dv, Ot, inv_l, nv, Dv, tmp);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: a query pass (dQ) and a key pass (dK, dV), both in lanes
+// ------------------------------------------------------------------------------------------------
+
+// Chunks of blocks per (batch, kv head) for n blocks' worth of rows: enough tasks for the threads (results
+// do not depend on it: every output element is summed by one task in shift order).
+template <int L>
+inline int64_t lane_task_chunk(const Problem& pr, int64_t n) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t want = std::max<int64_t>(1, (2 * nt + pr.B * pr.heads_kv - 1) / (pr.B * pr.heads_kv));
+  return round_up(std::max<int64_t>((n + want - 1) / want, 1), L);
+}
+
+// dst[i] = element 0 of tokens [a, a + nv) of a (B, T, H, W, heads) stats tensor's head, 0 beyond nv.
+template <typename A>
+inline void gather_lane_stats(A* dst, const HeadRows<A>& hr, int64_t a, int nv, int64_t H, int64_t W) {
+  constexpr int L = kLanes<A>;
+  for_each_segment(a, a + nv, H, W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t pos) {
+    hr.gather_scalars(dst + (pos - a), t, h, w, n);
+  });
+  for (int i = nv; i < L; ++i) dst[i] = A(0);
+}
+
+// Transposed block of tokens [a, a + nv) of one head into dst [X][L], times `factor`.
+template <bool kUnit, typename S, typename A>
+inline void transposed_block(A* dst, const HeadRows<S>& hr, bool direct, int64_t a, int nv, int64_t H, int64_t W,
+                             A factor, A* tmp) {
+  constexpr int L = kLanes<A>;
+  const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, a + nv, H, W, tmp);
+  transpose_rows(dst, L, tr.p, tr.rs, nv, hr.X);
+  if (factor != A(1))
+    for (int64_t d = 0; d < hr.X; ++d) vst(dst + d * L, vld(dst + d * L) * factor);
+}
+
+template <typename S, bool kUnit>
+void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
+                        const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
+                        S* dq) {
+  using A = acc_t<S>;
+  constexpr int L = kLanes<A>;
+  const LaneGeom g = lane_geom(pr);
+  const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads, group = pr.group;
+  const int64_t chunk = lane_task_chunk<L>(pr, g.Nq);
+  const int64_t nch = (g.Nq + chunk - 1) / chunk;
+  const int64_t ntask = pr.B * pr.heads_kv * nch;
+  const bool kflat = flat_strides(ks, g.H, g.W), vflat = flat_strides(vs, g.H, g.W);
+  const bool qflat = flat_strides(qs, g.H, g.W), gflat = flat_strides(gs, g.H, g.W);
+  const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
+  const int64_t sbuf = g.box_max * L;
+  const int64_t X = std::max(D, Dv);
+  const int64_t scratch = (D + Dv) * ring + (D + Dv + D) * L + 2 * sbuf + L * X + 4 * L;
+  const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (2 * D + Dv);
+  const A scale = static_cast<A>(pr.scale);
+  parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
+    const int64_t c = task % nch, bg = task / nch;
+    const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
+    const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
+    A* Qt = sc.a.data();     // [D][L]  queries, transposed, scaled
+    A* Gt = Qt + D * L;      // [Dv][L] output gradients, transposed
+    A* dQt = Gt + Dv * L;    // [D][L]  dQ, transposed
+    A* Sb = dQt + D * L;     // [entries][L] scores, then P
+    A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
+    A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
+    A* lse_v = tmp + L * X;  // [L]
+    A* del_v = lse_v + L;    // [L]
+    A* fac = del_v + L;      // [L]
+    A* kbuf = fac + L;       // rings
+    int64_t* shift = sc.idx.data();
+    int64_t* col = shift + g.box_max;
+    uint32_t* mask = reinterpret_cast<uint32_t*>(col + g.box_max);
+    uint32_t* mt = reinterpret_cast<uint32_t*>(mask + 2 * g.box_max);
+    uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
+    uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
+    for (int i = 0; i < L; ++i) fac[i] = scale;
+    const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
+    TransposedRing<S, kUnit, A> kr, vr;
+    kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
+    vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv), vflat);
+    for (int64_t q0 = qa; q0 < qb; q0 += L) {
+      const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
+      kr.advance(q0 + L + g.smax, tmp);
+      vr.advance(q0 + L + g.smax, tmp);
+      const int64_t n = lane_entries<L>(pr, g, q0, nv, shift, mask, mt, mh, mw);
+      kr.slots(q0, shift, n, col);
+      for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
+        const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
+        transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
+        transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
+        gather_lane_stats(lse_v, head_rows(lse, ls, b, head, 1), q0, nv, g.H, g.W);
+        gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
+        lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
+        lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
+        const Vec<A> lv = vld(lse_v), dv = vld(del_v);
+        for (int64_t e = 0; e < n; ++e) {
+          const Vec<A> p0 = exp_vec(vld(Sb + e * L) - lv);
+          const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
+          vst(Pb + e * L, p * (vld(Pb + e * L) - dv));
+        }
+        lane_pv(dQt, Pb, kr.buf, kr.ld, col, n, D);
+        store_lanes(dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, dQt, fac, nv, D, tmp);
+      }
+    }
+  });
+}
+
+template <typename S, bool kUnit>
+void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
+                         const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
+                         S* dk, S* dv) {
+  using A = acc_t<S>;
+  constexpr int L = kLanes<A>;
+  const LaneGeom g = lane_geom(pr, /*key_side=*/true);  // Nq: keys (the blocks), Nk: queries (the rings)
+  const int64_t D = pr.D, Dv = pr.Dv, heads_kv = pr.heads_kv, group = pr.group;
+  const int64_t chunk = lane_task_chunk<L>(pr, g.Nq);
+  const int64_t nch = (g.Nq + chunk - 1) / chunk;
+  const int64_t ntask = pr.B * heads_kv * nch;
+  const bool kflat = flat_strides(ks, g.H, g.W), vflat = flat_strides(vs, g.H, g.W);
+  const bool qflat = flat_strides(qs, g.H, g.W), gflat = flat_strides(gs, g.H, g.W);
+  const bool lflat = flat_strides(ls, g.H, g.W), dflat = flat_strides(dls, g.H, g.W);
+  const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
+  const int64_t sbuf = g.box_max * L;
+  const int64_t X = std::max(D, Dv);
+  const int64_t scratch = group * (D + Dv + 2) * ring + 2 * (D + Dv) * L + 2 * sbuf + L * X + 2 * L;
+  const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
+  const A scale = static_cast<A>(pr.scale);
+  parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
+    const int64_t c = task % nch, bg = task / nch;
+    const int64_t b = bg / heads_kv, gh = bg % heads_kv;
+    const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);
+    A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled
+    A* Vt = Kt + D * L;      // [Dv][L] values, transposed
+    A* dKt = Vt + Dv * L;    // [D][L]  dK accumulators, transposed
+    A* dVt = dKt + D * L;    // [Dv][L] dV accumulators, transposed
+    A* Sb = dVt + Dv * L;    // [entries][L] scores, then P
+    A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
+    A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
+    A* fac = tmp + L * X;    // [L] scale
+    A* one = fac + L;        // [L] 1
+    A* rbuf = one + L;       // rings of every head of the group
+    int64_t* shift = sc.idx.data();
+    int64_t* col = shift + g.box_max;
+    uint32_t* mask = reinterpret_cast<uint32_t*>(col + g.box_max);
+    uint32_t* mt = reinterpret_cast<uint32_t*>(mask + 2 * g.box_max);
+    uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
+    uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
+    for (int i = 0; i < L; ++i) {
+      fac[i] = scale;
+      one[i] = A(1);
+    }
+    const int64_t first_col = std::max<int64_t>(ka + g.smin, -L);
+    std::vector<TransposedRing<S, kUnit, A>> qr(group), gr(group);
+    std::vector<TransposedRing<A, true, A>> lr(group), dr(group);
+    A* rp = rbuf;
+    for (int64_t j = 0; j < group; ++j) {
+      const int64_t head = gh * group + j;
+      qr[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D), qflat);
+      rp += D * qr[j].ld;
+      gr[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv), gflat);
+      rp += Dv * gr[j].ld;
+      lr[j].init(rp, g, L, first_col, head_rows(lse, ls, b, head, 1), lflat);
+      rp += lr[j].ld;
+      dr[j].init(rp, g, L, first_col, head_rows(delta, dls, b, head, 1), dflat);
+      rp += dr[j].ld;
+    }
+    const HeadRows<S> kh_ = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
+    for (int64_t k0 = ka; k0 < kb; k0 += L) {
+      const int nv = static_cast<int>(std::min<int64_t>(L, kb - k0));
+      const int64_t n = lane_entries<L, true>(pr, g, k0, nv, shift, mask, mt, mh, mw);
+      qr[0].slots(k0, shift, n, col);
+      transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
+      transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
+      std::fill(dKt, dKt + (D + Dv) * L, A(0));  // dKt and dVt are adjacent
+      for (int64_t j = 0; j < group; ++j) {
+        qr[j].advance(k0 + L + g.smax, tmp);
+        gr[j].advance(k0 + L + g.smax, tmp);
+        lr[j].advance(k0 + L + g.smax, tmp);
+        dr[j].advance(k0 + L + g.smax, tmp);
+        lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
+        lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
+        for (int64_t e = 0; e < n; ++e) {
+          const Vec<A> p0 = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
+          const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
+          vst(Sb + e * L, p);
+          vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+        }
+        lane_pv(dVt, Sb, gr[j].buf, gr[j].ld, col, n, Dv, /*accumulate=*/true);
+        lane_pv(dKt, Pb, qr[j].buf, qr[j].ld, col, n, D, /*accumulate=*/true);
+      }
+      const int64_t row0 = (b * g.Nq + k0) * heads_kv + gh;
+      store_lanes(dk + row0 * D, heads_kv * D, dKt, fac, nv, D, tmp);
+      store_lanes(dv + row0 * Dv, heads_kv * Dv, dVt, one, nv, Dv, tmp);
+    }
+  });
+}
