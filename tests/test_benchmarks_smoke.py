@@ -258,3 +258,18 @@ def test_report_flags_a_busy_machine():
     meta = {"device": "cpu", "physical_cores": 2, "cpu_count": 2, "load_average": [1.2, 1, 1]}
     assert report.load_note(dict(meta, load_average_end=[2.5, 2, 1])) is None
     assert "10.8" in report.load_note(dict(meta, load_average_end=[10.8, 9, 5]))
+
+
+def test_stride_tiles_benchmark_schedule(tmp_path):
+    """benchmarks/stride_tiles.py: the schedule table, and the issue-10 target it documents
+    (HunyuanVideo's grid with window (18, 24, 24) at the aligned stride: computed / useful <= 1.10)."""
+    import json
+
+    from benchmarks import stride_tiles
+
+    assert stride_tiles.main(["--no-timing", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "stride_tiles.json").read_text())
+    hunyuan = [r for r in data["schedule"] if r["case"].startswith("HunyuanVideo")]
+    assert hunyuan and all(r["aligned_ratio"] <= 1.10 and r["uniform"] for r in hunyuan)
+    assert all(r["exact_ratio"] >= 1.0 for r in data["schedule"])
+    assert "stride = tile" in (tmp_path / "stride_tiles.md").read_text()
