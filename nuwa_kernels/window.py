@@ -282,6 +282,18 @@ def make_window_spec(
             f"query grid {q_full} and key grid {k_full}. Use per-axis causality, e.g. "
             "causal=(True, False, False), for cross-attention."
         )
+    for axis in range(3):  # section 4: every query sees a key; a strided causal cross axis could break it
+        if axes[axis] and strides[axis] > 1 and q_full[axis] != k_full[axis]:
+            lo, hi = axis_bounds(q_full[axis], k_full[axis], ks[axis], True, False, stride=strides[axis])
+            empty = (lo > hi).nonzero()
+            if empty.numel():
+                i = int(empty[0])
+                raise ValueError(
+                    f"stride[{axis}] = {strides[axis]} on a causal axis of a cross-attention grid (query length "
+                    f"{q_full[axis]}, key length {k_full[axis]}) leaves query {i} of that axis without keys (its "
+                    f"block leader's window starts at key {int(lo[i])}, past the query's own centre "
+                    f"{int(hi[i])}); use a smaller stride or a larger kernel_size[{axis}]"
+                )
     return WindowSpec(ks, axes, raster, border == "shift", q_grid, kv_grid, strides, slab)  # type: ignore[arg-type]
 
 

@@ -375,3 +375,13 @@ def test_compile_fullgraph_with_generalised_arguments():
     r = torch.autograd.grad(ref.sum(), (q, k, v, ak))
     for a, b in zip(g, r):
         assert rel_err(a, b) < 1e-6
+
+
+def test_strided_causal_cross_axis_without_keys_is_an_error():
+    """Section 4 (every query sees a key) under section 3a: a strided causal cross-attention axis whose
+    block leader's window starts past a query's own centre is refused, naming stride."""
+    q, _, _ = random_grid_inputs(1, (3, 4, 5), (3, 4, 5), 2, 1, 16)
+    _, k, v = random_grid_inputs(1, (2, 6, 3), (2, 6, 3), 2, 1, 16)
+    with pytest.raises(ValueError, match="stride"):
+        nk.nearby_attention(q, k, v, 3, causal=(False, True, False), stride=(1, 3, 1))
+    nk.nearby_attention(q, k, v, 3, causal=(False, True, False), stride=(1, 2, 1))  # every query keeps a key
