@@ -380,13 +380,8 @@ def nearby_attention(
         ``out (B, T, H, W, heads, Dv)`` in the input dtype, and with ``return_lse`` also
         ``lse (B, T, H, W, heads)`` (natural log; float32, float64 for float64 inputs).
     """
-    query, key, value, autocast_dev = _autocast(query, key, value)
-    additional_keys, additional_values = _autocast_extra(autocast_dev, additional_keys, additional_values)
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
-    out, lse = _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
-                       additional_keys, additional_values, None, autocast_dev)
-    return (out, lse) if return_lse else out
+    return _public_call(query, key, value, kernel_size, causal, border, scale, return_lse, backend, stride, dilation,
+                        additional_keys, additional_values, None)
 
 
 def nearby_attention_slab(
@@ -416,6 +411,13 @@ def nearby_attention_slab(
     every key the queries' windows reach (:func:`nuwa_kernels.window.needed_key_range`); keys outside
     the slab are treated as absent. Other arguments as in :func:`nearby_attention`.
     """
+    return _public_call(query, key, value, kernel_size, causal, border, scale, return_lse, backend, stride, dilation,
+                        additional_keys, additional_values, slab)
+
+
+def _public_call(query, key, value, kernel_size, causal, border, scale, return_lse, backend, stride, dilation,
+                 additional_keys, additional_values, slab):
+    """The shared body of the public grid-layout functions: autocast, then :func:`_attend`."""
     query, key, value, autocast_dev = _autocast(query, key, value)
     additional_keys, additional_values = _autocast_extra(autocast_dev, additional_keys, additional_values)
     if not isinstance(return_lse, bool):

@@ -93,21 +93,30 @@ def _chunk_scores(win, q, k, start, stop, scale, acc):
     return s, kw, qc, flat_k
 
 
+def _forward_chunks(query, key, value, window_args, scale):
+    """Yield ``(start, stop, out, lse)`` per chunk of queries in raster order: ``out (B, C, hkv, G, Dv)`` in
+    the accumulation dtype, ``lse (B, C, hkv, G)``; plain PyTorch ops (differentiable)."""
+    B, T, H, W, heads, D = query.shape
+    win, acc, q, k, v = _setup(query, key, value, *window_args)
+    N, heads_kv = T * H * W, key.shape[4]
+    step = win.chunk_size(B, heads_kv, max(D, value.shape[-1]))
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        s, _, _, flat_k = _chunk_scores(win, q, k, start, stop, scale, acc)
+        chunk_lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - chunk_lse[..., None])
+        yield start, stop, torch.einsum("bchgw,bcwhd->bchgd", p, v[:, flat_k].to(acc)), chunk_lse
+
+
 def _fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale):
     with torch.autocast(query.device.type, enabled=False):
         B, T, H, W, heads, D = query.shape
-        win, acc, q, k, v = _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab)
         N, heads_kv = T * H * W, key.shape[4]
         out = torch.empty((B, N, heads_kv, heads // heads_kv, value.shape[-1]), dtype=query.dtype, device=query.device)
-        lse = torch.empty((B, N, heads_kv, heads // heads_kv), dtype=acc, device=query.device)
-        step = win.chunk_size(B, heads_kv, max(D, value.shape[-1]))
-        for start in range(0, N, step):
-            stop = min(start + step, N)
-            s, _, _, flat_k = _chunk_scores(win, q, k, start, stop, scale, acc)
-            chunk_lse = torch.logsumexp(s, dim=-1)
-            p = torch.exp(s - chunk_lse[..., None])
-            vw = v[:, flat_k].to(acc)
-            out[:, start:stop] = torch.einsum("bchgw,bcwhd->bchgd", p, vw).to(query.dtype)
+        lse = torch.empty((B, N, heads_kv, heads // heads_kv), dtype=_ops.accum_dtype(query.dtype), device=query.device)
+        window_args = (kernel_size, causal_axes, raster_causal, shift_border, stride, slab)
+        for start, stop, chunk_out, chunk_lse in _forward_chunks(query, key, value, window_args, scale):
+            out[:, start:stop] = chunk_out.to(query.dtype)
             lse[:, start:stop] = chunk_lse
         return out.reshape(B, T, H, W, heads, -1), lse.reshape(B, T, H, W, heads)
 
@@ -145,20 +154,11 @@ def differentiable_forward(query, key, value, kernel_size, causal_axes, raster_c
     """``(out, lse)`` of the op as plain differentiable PyTorch (chunked gathers, autograd keeps each
     chunk's window): the path for second-order gradients of every backend (see ``_ops``)."""
     with torch.autocast(query.device.type, enabled=False):
-        B, T, H, W, heads, D = query.shape
-        win, acc, q, k, v = _setup(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab)
-        N, heads_kv = T * H * W, key.shape[4]
-        outs, lses = [], []
-        step = win.chunk_size(B, heads_kv, max(D, value.shape[-1]))
-        for start in range(0, N, step):
-            stop = min(start + step, N)
-            s, _, _, flat_k = _chunk_scores(win, q, k, start, stop, scale, acc)
-            chunk_lse = torch.logsumexp(s, dim=-1)
-            p = torch.exp(s - chunk_lse[..., None])
-            outs.append(torch.einsum("bchgw,bcwhd->bchgd", p, v[:, flat_k].to(acc)))
-            lses.append(chunk_lse)
-        out = torch.cat(outs, 1).to(query.dtype)
-        return out.reshape(B, T, H, W, heads, -1), torch.cat(lses, 1).reshape(B, T, H, W, heads)
+        B, T, H, W, heads, _ = query.shape
+        window_args = (kernel_size, causal_axes, raster_causal, shift_border, stride, slab)
+        chunks = list(_forward_chunks(query, key, value, window_args, scale))
+        out = torch.cat([c[2] for c in chunks], 1).to(query.dtype)
+        return out.reshape(B, T, H, W, heads, -1), torch.cat([c[3] for c in chunks], 1).reshape(B, T, H, W, heads)
 
 
 PAIR = _ops.define_python_ops("reference", _fwd_impl, _bwd_impl)
