@@ -14,11 +14,15 @@
 // Forward, per block: scores S[e] = Q^T-block . K^T[columns q0 + shift_e ...] for every entry e, a vector
 // of L lanes, as a register-blocked small GEMM over the head dim (8 entries of accumulators, the query
 // block transposed and scaled once); masked lanes -inf; softmax per lane, vectorised over queries (max,
-// vectorised exp, one sum chain in entry order); then O^T[d] = sum_e P[e] * V^T[d][columns ...] the same
-// way (8 rows of d in registers), scaled by 1 / sum and transposed into the output rows. K^T and V^T are
-// kept in rings of transposed columns (TransposedRing) that advance with the query blocks: each key is
-// transposed once per task with 16 x 16 in-register transposes (AVX-512; scalar otherwise) and the
-// window's reach stays in L2. Grouped heads of a kv head share the rings and the block's entries.
+// vectorised exp and log, one sum chain in entry order); then out = P V in the natural layout: each query's
+// output row (the head dim in registers, four queries at a time) sums P[e][lane] * V[q0 + lane + shift_e]
+// over the entries in order, value rows read from a ring of rows (RowRing, converted to the accumulation
+// type), scaled by 1 / sum and stored straight into the output rows (non-temporally when the output is
+// beyond the caches): no value or output transposes. K^T is kept in a ring of transposed columns
+// (TransposedRing) that advances with the query blocks: each key is transposed once per task with 16 x 16
+// in-register transposes (AVX-512; scalar otherwise) and the window's reach stays in L2. The entries of
+// every block are computed once per call (EntryTable) and shared by the tasks of all heads; grouped heads
+// of a kv head share the rings and the block's entries. Scratch is 64-byte aligned.
 //
 // Backward: a query pass (dQ) and a key pass (dK, dV), both in this form. Query pass, per query block:
 // S from the K^T ring, dP = dO^T-block . V^T ring, P = exp(scale s - lse), dS = P (dP - delta), dQ^T =
@@ -40,7 +44,7 @@ template <typename A>
 using LaneInt = typename std::conditional<sizeof(A) == 4, int32_t, int64_t>::type;
 template <typename A>
 struct VecIOf {
-  typedef LaneInt<A> type __attribute__((vector_size(64)));
+  typedef LaneInt<A> type __attribute__((vector_size(kVecBytes)));
 };
 template <typename A>
 using VecI = typename VecIOf<A>::type;
@@ -69,13 +73,9 @@ inline VecI<A> lane_mask(uint32_t mask) {
   return (VecI<A>{} + LaneInt<A>(mask) & bits) != 0;
 }
 
-// Entries (scores) or head-dim rows (P V) accumulated side by side in registers: 8 vectors of 64 bytes
-// with AVX-512's 32 registers, 4 (8 ymm) with AVX2's 16, which would otherwise spill.
-#if defined(__AVX512F__)
+// Entries (scores) or head-dim rows (lane_pv) accumulated side by side in registers: 8 vectors (one
+// register each: zmm with AVX-512, ymm with AVX2). lane_pv needs head dims in multiples of 8 (lane_ok).
 constexpr int kLaneBlock = 8;
-#else
-constexpr int kLaneBlock = 4;
-#endif
 
 // Vectorised exp_acc (same polynomial and rounding; 0 below the float range).
 inline Vec<float> exp_vec(Vec<float> x) {
@@ -100,7 +100,39 @@ inline Vec<float> exp_vec(Vec<float> x) {
   return x < lo ? Vec<float>{} : res;
 }
 inline Vec<double> exp_vec(Vec<double> x) {
-  for (int l = 0; l < 8; ++l) x[l] = std::exp(x[l]);
+  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// Vectorised natural log of x >= 1 (softmax denominators; Cephes' logf polynomial, about 1 ulp).
+inline Vec<float> log_vec(Vec<float> x) {
+  VecI<float> bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  VecI<float> e = ((bits >> 23) & 0xff) - 126;
+  const VecI<float> mb = (bits & 0x007fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  Vec<float> m;
+  std::memcpy(&m, &mb, sizeof(m));
+  const VecI<float> small = m < 0.707106781186547524f;
+  e = e + small;  // small lanes are all ones (-1)
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const Vec<float> z = m * m;
+  Vec<float> y = vsplat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const Vec<float> fe = __builtin_convertvector(e, Vec<float>);
+  y = y + fe * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  return m + y + fe * 0.693359375f;
+}
+inline Vec<double> log_vec(Vec<double> x) {
+  for (int l = 0; l < kLanes<double>; ++l) x[l] = std::log(x[l]);
   return x;
 }
 
@@ -168,7 +200,7 @@ template <typename A>
 inline bool lane_ok(const Problem& pr) {
   constexpr int L = kLanes<A>;
   return pr.p.k_len[1] == pr.p.q_len[1] && pr.p.k_len[2] == pr.p.q_len[2] && pr.D > 0 && pr.Dv > 0 &&
-         pr.D % L == 0 && pr.Dv % L == 0;
+         pr.D % L == 0 && pr.Dv % L == 0 && pr.D % kLaneBlock == 0 && pr.Dv % kLaneBlock == 0;
 }
 
 // Per-axis extremes of the relative windows (key coordinate minus query coordinate) over all queries.
@@ -275,6 +307,50 @@ inline int64_t lane_entries(const Problem& pr, const LaneGeom& g, int64_t q0, in
   }
   return n;
 }
+
+// The entries of every block of a call (blocks start at multiples of L), computed once and shared by the
+// tasks of every head, when the table is small; otherwise `on` is false and the tasks compute them.
+struct EntryTable {
+  bool on = false;
+  int64_t stride = 0;
+  std::vector<int64_t> shift, count;
+  std::vector<uint32_t> mask;
+
+  template <int L, bool kKeySide = false>
+  void build(const Problem& pr, const LaneGeom& g) {
+    const int64_t nb = (g.Nq + L - 1) / L;
+    stride = g.box_max;
+    if (nb * stride > (int64_t(1) << 21)) return;
+    shift.resize(nb * stride);
+    mask.resize(nb * stride);
+    count.resize(nb);
+    const int64_t axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+    std::vector<uint32_t> m(axes);
+    uint32_t* mt = m.data();
+    uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
+    uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      const int nv = static_cast<int>(std::min<int64_t>(L, g.Nq - bi * L));
+      count[bi] = lane_entries<L, kKeySide>(pr, g, bi * L, nv, shift.data() + bi * stride,
+                                            mask.data() + bi * stride, mt, mh, mw);
+    }
+    on = true;
+  }
+  // The entries of block q0 (a multiple of L): from the table, or computed into shift_buf / mask_buf.
+  template <int L, bool kKeySide = false>
+  int64_t get(const Problem& pr, const LaneGeom& g, int64_t q0, int nv, const int64_t** sh, const uint32_t** mk,
+              int64_t* shift_buf, uint32_t* mask_buf, uint32_t* mt, uint32_t* mh, uint32_t* mw) const {
+    if (on) {
+      const int64_t bi = q0 / L;
+      *sh = shift.data() + bi * stride;
+      *mk = mask.data() + bi * stride;
+      return count[bi];
+    }
+    *sh = shift_buf;
+    *mk = mask_buf;
+    return lane_entries<L, kKeySide>(pr, g, q0, nv, shift_buf, mask_buf, mt, mh, mw);
+  }
+};
 
 // Whether a (B, T, H, W, heads, X) tensor's tokens of one head are evenly spaced in flat order.
 inline bool flat_strides(const Strides& s, int64_t H, int64_t W) {
@@ -410,6 +486,20 @@ inline void store_lanes(S* out, int64_t ors, A* Ot, const A* f, int nv, int64_t 
   }
 }
 
+// Outputs larger than this many bytes are stored non-temporally (AVX-512 builds).
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+#if defined(__AVX512F__)
+constexpr bool kStreamOK = true;
+#else
+constexpr bool kStreamOK = false;
+#endif
+
+// How many groups of L columns ahead the rings prefetch their input rows.
+#ifndef NUWA_PREFETCH_AHEAD
+#define NUWA_PREFETCH_AHEAD 4
+#endif
+constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
+
 // Transposed key (or value) columns of one head in a ring: column c (flat key index) lives at slot
 // (c - origin) mod R of every row d (row stride R + L; slots [0, L) are mirrored at [R, R + L) so that a
 // vector load starting at any slot is contiguous). Columns are written in aligned groups of L as the
@@ -443,7 +533,7 @@ struct TransposedRing {
       const int64_t a = std::max<int64_t>(hi, 0), b = std::min<int64_t>(hi + L, g->Nk);
       const int64_t X = hr.X;
       if (b - a == L) {
-        if (hi + 3 * L <= g->Nk) prefetch_tokens(hr, hi + 2 * L, hi + 3 * L, g->H, g->W);
+        if (hi + kPrefetchAhead * L + L <= g->Nk) prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
         const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, b, g->H, g->W, tmp);
         transpose_rows(buf + slot, ld, tr.p, tr.rs, L, X);
       } else {
@@ -471,6 +561,118 @@ struct TransposedRing {
   }
 };
 
+// Key (or value) rows of one head in a ring, in their natural layout converted to the accumulation type:
+// column (flat key index) c lives in row (c - origin) mod R of `buf` (rows of X elements; rows [0, L) are
+// mirrored at [R, R + L) so that the L rows of consecutive columns starting at any slot are contiguous).
+// Columns outside the key grid are zero rows. Advances with the query blocks like TransposedRing.
+template <typename S, bool kUnit, typename A>
+struct RowRing {
+  A* buf;
+  int64_t R, origin, hi;
+  HeadRows<S> hr;
+  const LaneGeom* g;
+
+  static int64_t size_for(const LaneGeom& g, int L) { return TransposedRing<S, kUnit, A>::size_for(g, L); }
+  // Elements of the ring for rows of X elements.
+  static int64_t elems(const LaneGeom& g, int L, int64_t X) { return (size_for(g, L) + L) * X; }
+
+  void init(A* b, const LaneGeom& g_, int L, int64_t first_col, const HeadRows<S>& h) {
+    buf = b;
+    g = &g_;
+    R = size_for(g_, L);
+    origin = first_col - ((first_col % L) + L) % L;
+    hi = origin;
+    hr = h;
+  }
+  void advance(int64_t need) {
+    constexpr int L = kLanes<A>;
+    const int64_t X = hr.X;
+    while (hi < need) {
+      const int64_t slot = (hi - origin) % R;
+      const int64_t a = std::max<int64_t>(hi, 0), b = std::min<int64_t>(hi + L, g->Nk);
+      A* dst = buf + slot * X;
+      if (b - a < L) std::fill(dst, dst + L * X, A(0));
+      if (b > a) {
+        if (hi + kPrefetchAhead * L + L <= g->Nk) prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
+        for_each_segment(a, b, g->H, g->W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t pos) {
+          hr.template gather<kUnit>(dst + (pos - hi) * X, t, h, w, n);
+        });
+      }
+      if (slot == 0) std::memcpy(buf + R * X, buf, L * X * sizeof(A));
+      hi += L;
+    }
+  }
+};
+
+// out[i] (row i < nv of the block, row stride ors) = f[i] * sum_e P[e * L + i] * row(col[e] + i) over the
+// entries e, in entry order; row(c) = rows + c * X (a RowRing). P is 0 on the masked lanes (which add exact
+// zeros, as in lane_pv); entries masked for all the QB queries of a group are skipped. QB queries at a
+// time, NB vectors of the head dim each, in registers.
+template <int QB, int NB, bool kStream, typename S, typename A>
+__attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, const A* f, const A* __restrict P,
+                                                         const A* __restrict rows, int64_t X, int64_t d0, int i,
+                                                         const int64_t* col, const uint32_t* mask, int64_t n) {
+  constexpr int L = kLanes<A>;
+  Vec<A> acc[QB][NB];
+  for (int u = 0; u < QB; ++u)
+    for (int j = 0; j < NB; ++j) acc[u][j] = Vec<A>{};
+  constexpr uint32_t kBits = (1u << QB) - 1;
+  for (int64_t e = 0; e < n; ++e) {
+    if (!((mask[e] >> i) & kBits)) continue;
+    const A* r = rows + (col[e] + i) * X + d0;
+    const A* pe = P + e * L + i;
+    for (int u = 0; u < QB; ++u) {
+      const A pu = pe[u];
+      for (int j = 0; j < NB; ++j) acc[u][j] += pu * vld(r + u * X + j * L);
+    }
+  }
+  for (int u = 0; u < QB; ++u) {
+    const A fu = f[i + u];
+    S* o = out + (i + u) * ors + d0;
+    for (int j = 0; j < NB; ++j) {
+      const Vec<A> y = acc[u][j] * fu;
+      if constexpr (std::is_same<S, A>::value) {
+#if defined(__AVX512F__)
+        if (kStream) {  // non-temporal: no read for ownership of output lines that are not cached
+          if constexpr (std::is_same<A, float>::value)
+            _mm512_stream_ps(o + j * L, reinterpret_cast<const __m512&>(y));
+          else
+            _mm512_stream_pd(o + j * L, reinterpret_cast<const __m512d&>(y));
+          continue;
+        }
+#endif
+        vst(o + j * L, y);
+      } else {
+        for (int l = 0; l < L; ++l) o[j * L + l] = static_cast<S>(y[l]);
+      }
+    }
+  }
+}
+
+template <int NB, bool kStream, typename S, typename A>
+inline void pv_rows_chunk(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, int64_t d0,
+                          const int64_t* col, const uint32_t* mask, int64_t n, int nv) {
+  // Accumulators QB * NB registers: 16 of AVX-512's 32, 8 of AVX2's 16.
+  constexpr int QB = kVecBytes == 64 ? (NB == 3 ? 2 : 4) : (NB <= 2 ? 4 : 2);
+  int i = 0;
+  for (; i + QB <= nv; i += QB) pv_rows_group<QB, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n);
+  for (; i < nv; ++i) pv_rows_group<1, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n);
+}
+
+template <bool kStream = false, typename S, typename A>
+inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, const int64_t* col,
+                         const uint32_t* mask, int64_t n, int nv) {
+  constexpr int L = kLanes<A>;
+  int64_t d0 = 0;
+  for (; d0 + 4 * L <= X; d0 += 4 * L) pv_rows_chunk<4, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv);
+  switch ((X - d0) / L) {
+    case 3: pv_rows_chunk<3, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv); break;
+    case 2: pv_rows_chunk<2, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv); break;
+    case 1: pv_rows_chunk<1, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv); break;
+    default: break;
+  }
+}
+
 template <typename S, bool kUnit>
 void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
                      acc_t<S>* lse) {
@@ -490,7 +692,13 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t ring = R + 3 * L;
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
-  const int64_t scratch = (D + Dv) * ring + D * L + Dv * L + sbuf + L * X + 2 * L;
+  const int64_t scratch = D * ring + RowRing<S, kUnit, A>::elems(g, L, Dv) + D * L + sbuf + L * X + 2 * L;
+  EntryTable et;
+  et.build<L>(pr, g);
+  // Large outputs (beyond the caches) are written with non-temporal stores; needs 64-byte aligned rows.
+  const bool stream_out = std::is_same<S, A>::value && kStreamOK &&
+                          double(pr.B) * heads * g.Nq * Dv * sizeof(S) > double(kStreamBytes) &&
+                          (reinterpret_cast<uintptr_t>(out) % 64) == 0 && (Dv * sizeof(S)) % 64 == 0;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
@@ -499,27 +707,29 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
     A* Qt = sc.a.data();      // [D][L]   queries of the block, transposed and scaled
-    A* Ot = Qt + D * L;       // [Dv][L]  outputs of the block, transposed
-    A* Sb = Ot + Dv * L;      // [entries][L] scores, then probabilities
+    A* Sb = Qt + D * L;       // [entries][L] scores, then probabilities
     A* tmp = Sb + sbuf;       // [L][max(D, Dv)]
     A* inv_l = tmp + L * X;   // [L]
-    A* kbuf = inv_l + 2 * L;  // rings: [D][ld], [Dv][ld]
-    int64_t* shift = sc.idx.data();
-    int64_t* col = shift + g.box_max;
-    uint32_t* mask = reinterpret_cast<uint32_t*>(col + g.box_max);
-    uint32_t* mt = reinterpret_cast<uint32_t*>(mask + 2 * g.box_max);
+    A* kbuf = inv_l + 2 * L;  // rings: K^T [D][ld], V rows [R + L][Dv]
+    int64_t* shift_buf = sc.idx.data();
+    int64_t* col = shift_buf + g.box_max;
+    uint32_t* mask_buf = reinterpret_cast<uint32_t*>(col + g.box_max);
+    uint32_t* mt = reinterpret_cast<uint32_t*>(mask_buf + 2 * g.box_max);
     uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
     uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
     const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
-    TransposedRing<S, kUnit, A> kr, vr;
+    TransposedRing<S, kUnit, A> kr;
+    RowRing<S, kUnit, A> vr;
     kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
-    vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv), vflat);
+    vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv));
     const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
       kr.advance(q0 + L + g.smax, tmp);
-      vr.advance(q0 + L + g.smax, tmp);
-      const int64_t n = lane_entries<L>(pr, g, q0, nv, shift, mask, mt, mh, mw);
+      vr.advance(q0 + L + g.smax);
+      const int64_t* shift;
+      const uint32_t* mask;
+      const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       kr.slots(q0, shift, n, col);
       // Grouped heads share the block's keys, values and entries.
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
@@ -548,18 +758,25 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           vst(Sb + e * L, p);
           l += p;
         }
-        for (int i = 0; i < L; ++i) {
-          const bool any = l[i] > A(0);
-          inv_l[i] = any ? A(1) / l[i] : A(0);
-          if (i < nv)
-            lse[(b * g.Nq + q0 + i) * heads + head] =
-                any ? msafe[i] + std::log(l[i]) : -std::numeric_limits<A>::infinity();
+        {
+          const auto any = l > A(0);  // l >= 1 where any entry is valid
+          const Vec<A> lsafe = any ? l : vsplat(A(1));
+          vst(inv_l, any ? A(1) / lsafe : Vec<A>{});
+          const Vec<A> lv = any ? msafe + log_vec(lsafe) : ninf;
+          A* lp = lse + (b * g.Nq + q0) * heads + head;
+          for (int i = 0; i < nv; ++i) lp[i * heads] = lv[i];
         }
-        // out = P V: O^T in registers, then transposed into the output rows.
-        lane_pv(Ot, Sb, vr.buf, vr.ld, col, n, Dv);
-        store_lanes(out + ((b * g.Nq + q0) * heads + head) * Dv, heads * Dv, Ot, inv_l, nv, Dv, tmp);
+        // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
+        S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
+        if (stream_out)
+          lane_pv_rows<true>(orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
+        else
+          lane_pv_rows<false>(orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
       }
     }
+#if defined(__AVX512F__)
+    if (stream_out) _mm_sfence();  // the non-temporal stores are visible before the task ends
+#endif
   });
 }
 
@@ -615,6 +832,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t X = std::max(D, Dv);
   const int64_t scratch = (D + Dv) * ring + (D + Dv + D) * L + 2 * sbuf + L * X + 4 * L;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  EntryTable et;
+  et.build<L>(pr, g);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
@@ -631,10 +850,10 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     A* del_v = lse_v + L;    // [L]
     A* fac = del_v + L;      // [L]
     A* kbuf = fac + L;       // rings
-    int64_t* shift = sc.idx.data();
-    int64_t* col = shift + g.box_max;
-    uint32_t* mask = reinterpret_cast<uint32_t*>(col + g.box_max);
-    uint32_t* mt = reinterpret_cast<uint32_t*>(mask + 2 * g.box_max);
+    int64_t* shift_buf = sc.idx.data();
+    int64_t* col = shift_buf + g.box_max;
+    uint32_t* mask_buf = reinterpret_cast<uint32_t*>(col + g.box_max);
+    uint32_t* mt = reinterpret_cast<uint32_t*>(mask_buf + 2 * g.box_max);
     uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
     uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
     for (int i = 0; i < L; ++i) fac[i] = scale;
@@ -646,7 +865,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
       kr.advance(q0 + L + g.smax, tmp);
       vr.advance(q0 + L + g.smax, tmp);
-      const int64_t n = lane_entries<L>(pr, g, q0, nv, shift, mask, mt, mh, mw);
+      const int64_t* shift;
+      const uint32_t* mask;
+      const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       kr.slots(q0, shift, n, col);
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
@@ -688,6 +909,8 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const int64_t X = std::max(D, Dv);
   const int64_t scratch = group * (D + Dv + 2) * ring + 2 * (D + Dv) * L + 2 * sbuf + L * X + 2 * L;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  EntryTable et;
+  et.build<L, true>(pr, g);
   const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
@@ -704,10 +927,10 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     A* fac = tmp + L * X;    // [L] scale
     A* one = fac + L;        // [L] 1
     A* rbuf = one + L;       // rings of every head of the group
-    int64_t* shift = sc.idx.data();
-    int64_t* col = shift + g.box_max;
-    uint32_t* mask = reinterpret_cast<uint32_t*>(col + g.box_max);
-    uint32_t* mt = reinterpret_cast<uint32_t*>(mask + 2 * g.box_max);
+    int64_t* shift_buf = sc.idx.data();
+    int64_t* col = shift_buf + g.box_max;
+    uint32_t* mask_buf = reinterpret_cast<uint32_t*>(col + g.box_max);
+    uint32_t* mt = reinterpret_cast<uint32_t*>(mask_buf + 2 * g.box_max);
     uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
     uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
     for (int i = 0; i < L; ++i) {
@@ -732,7 +955,9 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     const HeadRows<S> kh_ = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
     for (int64_t k0 = ka; k0 < kb; k0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, kb - k0));
-      const int64_t n = lane_entries<L, true>(pr, g, k0, nv, shift, mask, mt, mh, mw);
+      const int64_t* shift;
+      const uint32_t* mask;
+      const int64_t n = et.get<L, true>(pr, g, k0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       qr[0].slots(k0, shift, n, col);
       transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
       transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);

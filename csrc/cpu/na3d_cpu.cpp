@@ -46,6 +46,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -72,9 +73,17 @@ namespace {
 template <typename S>
 using acc_t = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
 
-// Lanes of one 512-bit register: the block width of every inner loop over D.
+// Bytes of one vector register of the build: 64 (AVX-512), else 32 (AVX2: 64-byte vector types would be
+// split into halves that GCC moves through the stack).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+// Lanes of one vector register: the block width of every inner loop over D.
 template <typename A>
-constexpr int kLanes = 64 / static_cast<int>(sizeof(A));
+constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(A));
 
 template <typename A, typename S>
 inline A to_acc(S x) {
@@ -110,7 +119,7 @@ __attribute__((always_inline)) inline double exp_acc(double x) { return std::exp
 // lowers it to one zmm with AVX-512, two ymm with AVX2, and so on).
 template <typename A>
 struct VecOf {
-  typedef A type __attribute__((vector_size(64)));
+  typedef A type __attribute__((vector_size(kVecBytes)));
 };
 template <typename A>
 using Vec = typename VecOf<A>::type;
@@ -122,9 +131,9 @@ inline Vec<A> vload(const S* __restrict p, int64_t ds) {
   Vec<A> r;
   if constexpr (kUnit && std::is_same<S, A>::value) {
     std::memcpy(&r, p, sizeof(r));
-  } else if constexpr (kUnit && std::is_same<S, c10::BFloat16>::value) {  // A is float: 16 lanes
-    typedef uint16_t U16 __attribute__((vector_size(32)));
-    typedef uint32_t U32 __attribute__((vector_size(64)));
+  } else if constexpr (kUnit && std::is_same<S, c10::BFloat16>::value) {  // A is float
+    typedef uint16_t U16 __attribute__((vector_size(kVecBytes / 2)));
+    typedef uint32_t U32 __attribute__((vector_size(kVecBytes)));
     U16 h;
     std::memcpy(&h, p, sizeof(h));
     const U32 bits = __builtin_convertvector(h, U32) << 16;
@@ -132,9 +141,11 @@ inline Vec<A> vload(const S* __restrict p, int64_t ds) {
 #if defined(__F16C__) && defined(__AVX__)
   } else if constexpr (kUnit && std::is_same<S, c10::Half>::value) {
     const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
     std::memcpy(&r, &lo, 32);
-    std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
+    if constexpr (L == 16) {
+      const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+      std::memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
+    }
 #endif
   } else {
     for (int l = 0; l < L; ++l) r[l] = to_acc<A>(p[kUnit ? l : l * ds]);
@@ -440,10 +451,30 @@ Problem make_problem(const at::Tensor& query, const at::Tensor& key, const at::T
 
 inline bool unit_last(const at::Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1; }
 
-// Per-thread scratch: `a` in the accumulation type, `idx` for segment bounds and offsets.
+// Allocator of cache-line (64-byte) aligned storage: whole-register loads and stores of the scratch
+// buffers then never straddle two cache lines.
+template <typename T>
+struct CacheAligned {
+  typedef T value_type;
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(std::size_t n) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, std::max<std::size_t>(n * sizeof(T), 64)) != 0) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+
+// Per-thread scratch: `a` in the accumulation type (64-byte aligned), `idx` for segment bounds and offsets.
 template <typename A>
 struct Scratch {
-  std::vector<A> a;
+  std::vector<A, CacheAligned<A>> a;
   std::vector<int64_t> idx;
 };
 
