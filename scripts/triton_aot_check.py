@@ -19,15 +19,17 @@ multiples of 16) and then inspects each cubin with the ``cuobjdump`` that ships 
 
 Jobs: every entry the config table (``nuwa_kernels/backends/triton/config.py``) can return for
 D in {64, 128} x {float16, bfloat16, float32} x {fwd, dq, dkdv} x {sm_80, sm_90} x {small, large
-window}, each with the plain variant (no raster, no uniform bricks); ``--variants`` adds the raster
-and uniform (stride-aligned) variants, ``--head-dims 64 128 256`` other head dims.
+window}, each with the plain variant (no raster, no uniform bricks, box key tiles) and, for the forward
+and ``dQ``, the packed-key-tile variant (``PACKED``, what small windows and HunyuanVideo's 18x24x24 run);
+``--variants`` adds the raster (box and packed) and uniform (stride-aligned) variants,
+``--head-dims 64 128 256`` other head dims.
 
 ``--cubin-dir DIR`` writes every cubin as ``<kernel>-<dtype>-d<D>-sm<arch>-<config>.cubin``;
 ``--table FILE`` writes the Markdown table (registers, spills, shared memory, tensor-core
 instruction, load width, compile time); ``--json FILE`` the same as JSON.
 
-``--ci``: bfloat16 and float32, D in {64, 128}, both architectures (48 compiles, about a minute with
-two workers). Works with triton 3.6 (the GPU machines) and 3.9 (CI).
+``--ci``: bfloat16 and float32, D in {64, 128}, both architectures (70 compiles, about three minutes
+with two workers). Works with triton 3.6 (the GPU machines) and 3.9 (CI).
 
 Usage: python scripts/triton_aot_check.py [--arch 80 90] [--jobs N] [--ci] [--variants]
        [--head-dims 64 128] [--cubin-dir DIR] [--table FILE] [--json FILE]
@@ -54,7 +56,7 @@ _DATA_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _FP32_POINTERS = {"LSE", "DELTA"}
 _I32_POINTERS = {"WIN", "TILES", "BOUNDS"}
 _FLOATS = {"scale", "scale_log2"}
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "RASTER", "UNIFORM", "PRECISION", "UPCAST"}
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "RASTER", "UNIFORM", "PRECISION", "UPCAST", "PACKED"}
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # strides of the data tensors (not of LSE/delta): the head-dim stride is 1, the others multiples of 16
 _DATA_STRIDE_PREFIXES = ("sq", "sk", "sv", "so", "sdo", "sdq", "sdk", "sdv")
@@ -131,16 +133,19 @@ def _jobs(archs, head_dims, dtypes, variants: bool, wide: bool):
                     if cfg.name in seen:
                         continue
                     seen.add(cfg.name)
-                    flavours = [(False, False)]
-                    if variants:
-                        flavours += [(True, False), (False, True)]
                     for kind in KERNELS:
-                        for raster, uniform in flavours:
+                        # (raster, uniform, packed); dK/dV never packs
+                        flavours = [(False, False, False)] + ([(False, False, True)] if kind != "dkdv" else [])
+                        if variants:
+                            flavours += [(True, False, False), (False, True, False)]
+                            flavours += [(True, False, True)] if kind != "dkdv" else []
+                        for raster, uniform, packed in flavours:
                             bn = cfg.block.bwd_tile or cfg.block.block_n if kind == "dkdv" else cfg.block.block_n
                             jobs.append(dict(kind=kind, dtype=dtype, d=d, arch=arch, config=cfg.name,
                                              block_m=cfg.block.block_m, block_n=bn,
                                              warps=cfg.warps_stages(kind)[0], stages=cfg.warps_stages(kind)[1],
-                                             mma=cfg.mma, raster=raster, uniform=uniform, wide=wide))
+                                             mma=cfg.mma, raster=raster, uniform=uniform, packed=packed,
+                                             wide=wide))
     return jobs
 
 
@@ -189,6 +194,8 @@ def _compile_one(job, cubin_dir):
                       PRECISION="ieee" if job["dtype"] == "float32" else "tf32", UPCAST=False)
     if job["kind"] == "dkdv":  # dK/dV: BLOCK_N = key brick (M side), BLOCK_M = query tile
         constexprs.update(BLOCK_M=job["block_n"], BLOCK_N=job["block_m"])
+    else:
+        constexprs["PACKED"] = job["packed"]
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     t0 = time.time()
     rec = dict(job)
@@ -218,7 +225,8 @@ def _compile_one(job, cubin_dir):
 
 
 def _cubin_name(job) -> str:
-    flav = ("-raster" if job["raster"] else "") + ("-uniform" if job["uniform"] else "") + ("-i64" if job["wide"] else "")
+    flav = (("-raster" if job["raster"] else "") + ("-uniform" if job["uniform"] else "")
+            + ("-packed" if job.get("packed") else "") + ("-i64" if job["wide"] else ""))
     return f"{job['kind']}-{job['dtype']}-d{job['d']}-sm{job['arch']}-{job['config']}{flav}.cubin"
 
 
@@ -257,7 +265,7 @@ def _table(recs) -> str:
                          f"{r['stages']} | FAILED | | | | | | | | | {r['seconds']:.1f} |")
             continue
         tc = "wgmma" if r["hgmma"] else "mma.sync" if r["hmma"] else "FMA"
-        flav = (" raster" if r["raster"] else "") + (" uniform" if r["uniform"] else "")
+        flav = (" raster" if r["raster"] else "") + (" uniform" if r["uniform"] else "") + (" packed" if r.get("packed") else "")
         lines.append(
             f"| {r['kind']}{flav} | {r['dtype']} | {r['d']} | sm_{r['arch']} | {r['config']} | {r['warps']} | "
             f"{r['stages']} | {r['reg']} | {r['spill_ins']} | {r['stack']} | {r['local']} | {r['shared']} | {tc} | "
@@ -298,6 +306,7 @@ def main(argv=None) -> int:
     print(f"AOT-compiling {len(jobs)} Triton kernels for {', '.join(f'sm_{a}' for a in args.arch)} with "
           f"{args.jobs} worker(s) (triton {triton.__version__}); cubins in {cubin_dir}", flush=True)
     t0 = time.time()
+    pool = None
     if args.jobs <= 1:
         results = (_compile_one(j, cubin_dir) for j in jobs)
     else:
@@ -315,8 +324,11 @@ def main(argv=None) -> int:
             print(f"ok   {_cubin_name(rec)} regs={rec['reg']} smem={rec['shared']} {rec['seconds']:.1f}s", flush=True)
         if len(recs) % 12 == 0:
             print(f"  {len(recs)}/{len(jobs)} compiled ({time.time() - t0:.0f}s)", flush=True)
+    if pool is not None:
+        pool.shutdown(wait=True)  # join the workers before exit (no late writes to a closed pipe)
     order = {k: i for i, k in enumerate(KERNELS)}
-    recs.sort(key=lambda r: (r["arch"], r["d"], r["dtype"], r["config"], order[r["kind"]], r["raster"], r["uniform"]))
+    recs.sort(key=lambda r: (r["arch"], r["d"], r["dtype"], r["config"], order[r["kind"]], r["raster"], r["uniform"],
+                             r.get("packed", False)))
     if args.table:
         with open(args.table, "w") as f:
             f.write(f"<!-- scripts/triton_aot_check.py, triton {triton.__version__} -->\n")

@@ -26,6 +26,7 @@ if DEVICE == "cpu" and not INTERPRET:  # pragma: no cover
     pytest.skip("triton backend needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 SMALL = tplan.BlockConfig(16, 16, (1, 4, 4), (1, 2, 8))  # many programs and tiles: full / skip paths
+PACKED16 = tplan.BlockConfig(16, 16, packed=True)  # packed key tiles (forward / dQ), brick chosen per call
 
 
 def _gen(seed=0):
@@ -168,6 +169,40 @@ def test_custom_scale_and_batch_one():
 )
 def test_small_bricks(q_grid, kv_grid, kernel_size, causal, border):
     run_case(q_grid, kv_grid, kernel_size, causal, border, B=1, heads=1, heads_kv=1, D=16, config=SMALL)
+
+
+PACKED_CASES = [
+    ((2, 8, 8), (2, 8, 8), (1, 3, 3), False, "truncate", 1),
+    ((1, 9, 11), (1, 9, 11), (1, 3, 3), False, "shift", 1),
+    ((2, 8, 8), (2, 8, 8), (2, 3, 4), True, "shift", 1),
+    ((3, 6, 7), (3, 6, 7), 3, (True, False, False), "truncate", 1),
+    ((2, 8, 8), (2, 8, 8), (1, 3, None), (False, True, False), "truncate", 1),
+    ((1, 4, 4), (2, 12, 12), (1, 3, 3), False, "truncate", 1),  # unions with gaps, unseen keys
+    ((3, 6, 7), (3, 6, 7), (3, 4, 3), False, "shift", (1, 2, 3)),
+    ((4, 5, 6), (4, 5, 6), 3, True, "truncate", (2, 1, 2)),
+]
+PACKED_IDS = ["image", "image-shift", "raster", "frame-causal", "causal-h-wholew", "gapped-cross", "stride",
+              "stride-raster"]
+
+
+@pytest.mark.parametrize("q_grid,kv_grid,kernel_size,causal,border,stride", PACKED_CASES, ids=PACKED_IDS)
+@pytest.mark.parametrize("config", [PACKED16, tplan.BlockConfig(16, 16, (1, 4, 4), packed=True),
+                                    tplan.BlockConfig(32, 16, (1, 4, 8), packed=True)],
+                         ids=["chosen-brick", "brick-1x4x4", "brick-1x4x8"])
+def test_packed_key_tiles(q_grid, kv_grid, kernel_size, causal, border, stride, config):
+    """Packed key tiles (forward and dQ walk the brick's window union ``block_n`` keys at a time)."""
+    run_case(q_grid, kv_grid, kernel_size, causal, border, B=1, heads=2, heads_kv=1, D=16, stride=stride,
+             config=config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_packed_shipped_shapes(dtype):
+    """The table's block sizes with packed tiles on small grids: 16x16 (small windows) and 64x32 (sm_90's
+    large windows, NÜWA-like and HunyuanVideo-like windows), grouped heads, half precision."""
+    run_case((1, 10, 12), (1, 10, 12), (1, 3, 3), False, "truncate", dtype=dtype, B=1, heads=2, heads_kv=1, D=32,
+             config=PACKED16)
+    run_case((3, 8, 12), (3, 8, 12), (2, 5, 5), True, "truncate", dtype=dtype, B=1, heads=2, heads_kv=1, D=32,
+             config=tplan.BlockConfig(64, 32, packed=True))
 
 
 def test_unseen_keys_get_zero_grad():
@@ -434,6 +469,46 @@ def test_tile_stats_7x7x7_ratio(causal, border):
     assert s["ratio"] <= 5.0, s
 
 
+# issue 9's computed / useful targets at the shipped configuration (D=64, bfloat16), with the schedule
+# the kernels run (packed key tiles where they win)
+TILE_TARGETS = [
+    ((10, 21, 21), (3, 3, 3), 90, 4.5, 3.70),
+    ((10, 21, 21), (7, 7, 7), 90, 3.0, 1.87),
+    ((1, 32, 32), (1, 3, 3), 90, 5.0, 4.76),
+    ((1, 32, 32), (1, 3, 3), 80, 5.0, 4.76),
+    ((30, 48, 80), (18, 24, 24), 90, 1.5, 1.45),
+    ((30, 48, 80), (18, 24, 24), 80, 1.5, 1.30),
+]
+
+
+@pytest.mark.parametrize("grid,ks,arch,target,now", TILE_TARGETS,
+                         ids=["nuwa-3x3x3", "nuwa-7x7x7", "image-1x3x3-sm90", "image-1x3x3-sm80",
+                              "hunyuan-sm90", "hunyuan-sm80"])
+def test_tile_stats_targets(grid, ks, arch, target, now):
+    s = tile_stats(grid, ks, arch=arch)
+    assert s["ratio"] <= target and s["ratio"] <= now, s
+    assert s["packed"] and s["k_tile"] == (1, 1, s["block_n"])
+    # the table's block sizes: 64-row bricks on sm_90's large windows (wgmma), 16x16 for small windows
+    assert (s["block_m"], s["block_n"]) == ((64, 32) if arch == 90 and ks == (18, 24, 24) else
+                                             (32, 32) if ks == (18, 24, 24) else (16, 16))
+    # packing only ever removes pairs: the box schedule of the same block sizes scores more
+    box = tile_stats(grid, ks, arch=arch, config=tplan.BlockConfig(s["block_m"], s["block_n"], packed=False))
+    assert not box["packed"] and box["computed"] > s["computed"] and box["useful"] == s["useful"]
+
+
+def test_packed_tiles_are_chosen_by_pairs():
+    """Packed tiles only when they save at least ``1 - PACKED_GAIN`` of the box pairs: a whole-axis window
+    (union = every key, box tiles exact) keeps box tiles and their mask-free full tiles."""
+    spec = make_window_spec((2, 8, 8), (2, 8, 8), (None, None, None))
+    assert not tplan.build_plan(spec, tplan.BlockConfig(16, 16)).fwd.packed
+    spec = make_window_spec((1, 32, 32), (1, 32, 32), (1, 3, 3))
+    p = tplan.build_plan(spec, tplan.BlockConfig(16, 16))
+    assert p.fwd.packed and p.fwd.brick == (1, 4, 4)
+    assert not p.bwd.packed  # the dK/dV sweep keeps box tiles
+    s_box = tplan.plan_stats(tplan.build_plan(spec, tplan.BlockConfig(16, 16, packed=False)))
+    assert tplan.plan_stats(p)["computed"] <= tplan.PACKED_GAIN * s_box["computed"]
+
+
 def test_tile_stats_is_exported():
     import nuwa_kernels
 
@@ -459,19 +534,28 @@ def test_tile_stats_computed_matches_plan():
     assert s["computed"] == visits * 16 * 16
 
 
-@pytest.mark.parametrize("config", [SMALL, tplan.BlockConfig(16, 16), tplan.BlockConfig(32, 16)],
-                         ids=["fixed-shapes", "chosen-16x16", "chosen-32x16"])
-def test_plan_covers_every_allowed_pair(config):
-    """Every allowed pair lies in exactly one visited (brick, tile) of the forward and dK/dV sweeps."""
+@pytest.mark.parametrize("config", [SMALL, tplan.BlockConfig(16, 16), tplan.BlockConfig(32, 16), PACKED16,
+                                    tplan.BlockConfig(64, 32, packed=True)],
+                         ids=["fixed-shapes", "chosen-16x16", "chosen-32x16", "packed-16x16", "packed-64x32"])
+@pytest.mark.parametrize("stride", [1, (1, 2, 3)], ids=["stride1", "stride"])
+def test_plan_covers_every_allowed_pair(config, stride):
+    """Every allowed pair lies in exactly one visited (brick, tile) of the forward and dK/dV sweeps
+    (packed forward tiles decoded as the kernels do: keys ``j * block_n + c`` of the brick's union)."""
     for q_grid, kv_grid, ks, causal, border in [
         ((3, 8, 8), (3, 8, 8), 3, True, "truncate"),
         ((1, 4, 4), (2, 12, 12), (1, 3, 3), False, "truncate"),
         ((2, 8, 8), (2, 8, 8), (2, 3, None), (False, True, False), "shift"),
         ((4, 6, 5), (2, 3, 7), (3, 2, 5), (True, False, False), "shift"),
+        ((2, 9, 10), (2, 9, 10), (2, 5, 5), True, "truncate"),
     ]:
-        spec = make_window_spec(q_grid, kv_grid, ks, causal, border)
+        whole_axis = isinstance(ks, tuple) and None in ks
+        if stride != 1 and (q_grid != kv_grid or whole_axis):
+            continue
+        spec = make_window_spec(q_grid, kv_grid, ks, causal, border, stride)
         p = tplan.build_plan(spec, config)
-        mask = oracle_mask(q_grid, kv_grid, ks, causal, border)
+        if config.packed is not None:
+            assert p.fwd.packed == config.packed
+        mask = oracle_mask(q_grid, kv_grid, ks, causal, border, stride=stride)
         for sweep, grid_p, grid_s, transpose in ((p.fwd, q_grid, kv_grid, False), (p.bwd, kv_grid, q_grid, True)):
             cover = torch.zeros(mask.shape, dtype=torch.int32)
             nbt, nbh, nbw = sweep.num_bricks
@@ -480,12 +564,22 @@ def test_plan_covers_every_allowed_pair(config):
                 ax = sweep.axes
                 cnt = [int(ax[0].cnt[pt]), int(ax[1].cnt[ph]), int(ax[2].cnt[pw])]
                 total = cnt[0] * cnt[1] * cnt[2]
-                b, e = sweep.bounds[i].tolist() if sweep.bounds is not None else (0, total)
+                n_tiles = -(-total // sweep.block_secondary) if sweep.packed else total
+                b, e = sweep.bounds[i].tolist() if sweep.bounds is not None else (0, n_tiles)
+                assert e - b == int(sweep.visits[i])
                 rows = _box((pt, ph, pw), sweep.brick, grid_p)
                 for j in range(b, e):
-                    jt, jh, jw = j // (cnt[1] * cnt[2]), (j // cnt[2]) % cnt[1], j % cnt[2]
-                    start = (int(ax[0].start[pt, jt]), int(ax[1].start[ph, jh]), int(ax[2].start[pw, jw]))
-                    cols = _box_at(start, sweep.tile, grid_s)
+                    if sweep.packed:
+                        keys = []
+                        for f in range(j * sweep.block_secondary, min((j + 1) * sweep.block_secondary, total)):
+                            jt, jh, jw = f // (cnt[1] * cnt[2]), (f // cnt[2]) % cnt[1], f % cnt[2]
+                            kt, kh, kw = int(ax[0].lst[pt, jt]), int(ax[1].lst[ph, jh]), int(ax[2].lst[pw, jw])
+                            keys.append((kt * grid_s[1] + kh) * grid_s[2] + kw)
+                        cols = torch.tensor(keys, dtype=torch.long)
+                    else:
+                        jt, jh, jw = j // (cnt[1] * cnt[2]), (j // cnt[2]) % cnt[1], j % cnt[2]
+                        start = (int(ax[0].start[pt, jt]), int(ax[1].start[ph, jh]), int(ax[2].start[pw, jw]))
+                        cols = _box_at(start, sweep.tile, grid_s)
                     if transpose:
                         cover[cols[:, None], rows[None, :]] += 1
                     else:

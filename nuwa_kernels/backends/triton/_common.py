@@ -147,9 +147,15 @@ if HAS_TRITON:
         return lt, ht, lh, hh, lw, hw
 
     @triton.jit
-    def tile_lists(TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER: tl.constexpr):
+    def tile_lists(TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER: tl.constexpr,
+                   PACKED: tl.constexpr, BLOCK: tl.constexpr):
         """Offsets of the per-axis tile lists of brick ``(pt, ph, pw)`` in ``TILES``, the tile counts
-        ``cw`` and ``chw`` that decode a flat tile index, and the ``[j_begin, j_end)`` range to walk."""
+        ``cw`` and ``chw`` that decode a flat tile index, their product with ``ct`` and the
+        ``[j_begin, j_end)`` range to walk.
+
+        ``PACKED``: the lists hold the secondary coordinates the brick reaches on each axis (its window
+        union) and the program walks ``ceil(ct * ch * cw / BLOCK)`` packed tiles of ``BLOCK`` keys
+        (:func:`packed_coords`); ``cw``/``chw`` then decode a flat key index."""
         off_lt = NB_T
         off_ch = NB_T * (1 + MAX_T)
         off_lh = off_ch + NB_H
@@ -164,8 +170,42 @@ if HAS_TRITON:
             j_end = tl.load(BOUNDS + 2 * i_m + 1)
         else:
             j_begin = 0
-            j_end = ct * chw
-        return off_lt, off_lh, off_lw, cw, chw, j_begin, j_end
+            if PACKED:
+                j_end = (ct * chw + BLOCK - 1) // BLOCK
+            else:
+                j_end = ct * chw
+        return off_lt, off_lh, off_lw, cw, chw, ct * chw, j_begin, j_end
+
+    @triton.jit
+    def packed_coords(TILES, j, off_lt, off_lh, off_lw, cw, chw, total, pt, ph, pw, MAX_T, MAX_H, MAX_W, o_c,
+                      TK, BLOCK: tl.constexpr):
+        """Coordinates ``(t, h, w)`` of the ``BLOCK`` keys of packed tile ``j``: keys ``j * BLOCK + o_c`` of
+        the brick's window union in lexicographic (raster) order, gathered from the per-axis coordinate
+        lists. Padding keys past the union's ``total`` keys get ``t = TK`` (outside the key grid and
+        every window)."""
+        f = j * BLOCK + o_c
+        valid = f < total
+        it = f // chw
+        r = f - it * chw
+        ih = r // cw
+        iw = r - ih * cw
+        kt = tl.load(TILES + off_lt + pt * MAX_T + it, mask=valid, other=TK)
+        kh = tl.load(TILES + off_lh + ph * MAX_H + ih, mask=valid, other=0)
+        kw = tl.load(TILES + off_lw + pw * MAX_W + iw, mask=valid, other=0)
+        return kt, kh, kw
+
+    @triton.jit
+    def windows_meet(lt, ht, lh, hh, lw, hw, m_q):
+        """The box of keys every in-grid row of a brick sees (the intersection of its windows; empty
+        when ``lo > hi`` on an axis): a key inside it needs no mask."""
+        big = 1 << 30
+        x_lt = tl.max(tl.where(m_q, lt, -1), 0)
+        x_ht = tl.min(tl.where(m_q, ht, big), 0)
+        x_lh = tl.max(tl.where(m_q, lh, -1), 0)
+        x_hh = tl.min(tl.where(m_q, hh, big), 0)
+        x_lw = tl.max(tl.where(m_q, lw, -1), 0)
+        x_hw = tl.min(tl.where(m_q, hw, big), 0)
+        return x_lt, x_ht, x_lh, x_hh, x_lw, x_hw
 
     @triton.jit
     def tile_coords(TILES, j, off_lt, off_lh, off_lw, cw, chw, pt, ph, pw, MAX_T, MAX_H, MAX_W, ot, oh, ow):

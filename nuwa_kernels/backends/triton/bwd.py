@@ -20,8 +20,8 @@ import torch
 
 from ._common import LOG2E, dot_precision, triton, tl, upcast_tiles
 from ._common import (  # noqa: F401  (jit helpers)
-    brick_coords, brick_window, global_flat, in_grid, in_window, offsets64, program_brick, program_head,
-    row_windows, tile_coords, tile_lists, window_mask, window_mask_t,
+    brick_coords, brick_window, global_flat, in_grid, in_window, offsets64, packed_coords, program_brick,
+    program_head, row_windows, tile_coords, tile_lists, window_mask, window_mask_t, windows_meet,
 )
 from .fwd import _NO_SPEC, slab_frame
 from .plan import AttentionPlan
@@ -44,6 +44,7 @@ def nearby_bwd_dq_kernel(
     scale, scale_log2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     RASTER: tl.constexpr, UNIFORM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -81,8 +82,13 @@ def nearby_bwd_dq_kernel(
         fq = global_flat(qt, qh, qw, QOT, QOH, QOW, FH, FW)
         fq0 = global_flat(t0, h0, w0, QOT, QOH, QOW, FH, FW)
 
-    off_lt, off_lh, off_lw, cw, chw, j_begin, j_end = tile_lists(
-        TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER)
+    off_lt, off_lh, off_lw, cw, chw, total, j_begin, j_end = tile_lists(
+        TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER, PACKED, BLOCK_N)
+    if PACKED:
+        if UNIFORM:
+            x_lt, x_ht, x_lh, x_hh, x_lw, x_hw = lt, ht, lh, hh, lw, hw
+        else:
+            x_lt, x_ht, x_lh, x_hh, x_lw, x_hw = windows_meet(lt, ht, lh, hh, lw, hw, m_q)
 
     o_c = tl.arange(0, BLOCK_N)
     ot, oh, ow = brick_coords(o_c, 0, 0, 0, LOG_KH, LOG_KW)
@@ -91,8 +97,20 @@ def nearby_bwd_dq_kernel(
 
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for j in range(j_begin, j_end):
-        kt0, kh0, kw0, kt, kh, kw, full = tile_coords(
-            TILES, j, off_lt, off_lh, off_lw, cw, chw, pt, ph, pw, MAX_T, MAX_H, MAX_W, ot, oh, ow)
+        if PACKED:
+            kt, kh, kw = packed_coords(TILES, j, off_lt, off_lh, off_lw, cw, chw, total, pt, ph, pw,
+                                       MAX_T, MAX_H, MAX_W, o_c, TK, BLOCK_N)
+            full = tl.min(in_window(kt, kh, kw, x_lt, x_ht, x_lh, x_hh, x_lw, x_hw).to(tl.int32), 0)
+            if RASTER:
+                fk_last = tl.max(tl.where(kt < TK, global_flat(kt, kh, kw, KOT, KOH, KOW, FH, FW), 0), 0)
+                full = full & (fk_last <= fq0).to(tl.int32)
+        else:
+            kt0, kh0, kw0, kt, kh, kw, full = tile_coords(
+                TILES, j, off_lt, off_lh, off_lw, cw, chw, pt, ph, pw, MAX_T, MAX_H, MAX_W, ot, oh, ow)
+            if RASTER:
+                fk_last = global_flat(kt0 + (1 << LOG_KT) - 1, kh0 + (1 << LOG_KH) - 1, kw0 + (1 << LOG_KW) - 1,
+                                      KOT, KOH, KOW, FH, FW)
+                full = full & (fk_last <= fq0).to(tl.int32)
         m_k = in_grid(kt, kh, kw, TK, HK, WK)
         m_kd = m_k[:, None] & m_d[None, :]
         # [BLOCK_N, BLOCK_D] rows of 16-byte vectors
@@ -106,10 +124,6 @@ def nearby_bwd_dq_kernel(
         # [BLOCK_M, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * scale_log2
         b_p = tl.exp2(b_s - b_lse2[:, None])
-        if RASTER:
-            fk_last = global_flat(kt0 + (1 << LOG_KT) - 1, kh0 + (1 << LOG_KH) - 1, kw0 + (1 << LOG_KW) - 1,
-                                  KOT, KOH, KOW, FH, FW)
-            full = full & (fk_last <= fq0).to(tl.int32)
         if full == 0:
             if UNIFORM:
                 allowed = in_window(kt, kh, kw, lt, ht, lh, hh, lw, hw)[None, :]
@@ -180,8 +194,8 @@ def nearby_bwd_dkdv_kernel(
         fk_last = global_flat(kt0 + (1 << LOG_BT) - 1, kh0 + (1 << LOG_BH) - 1, kw0 + (1 << LOG_BW) - 1,
                               KOT, KOH, KOW, FH, FW)
 
-    off_lt, off_lh, off_lw, cw, chw, j_begin, j_end = tile_lists(
-        TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER)
+    off_lt, off_lh, off_lw, cw, chw, _total, j_begin, j_end = tile_lists(
+        TILES, BOUNDS, i_m, pt, ph, pw, NB_T, NB_H, NB_W, MAX_T, MAX_H, RASTER, False, BLOCK_M)
 
     o_r = tl.arange(0, BLOCK_M)
     ort, orh, orw = brick_coords(o_r, 0, 0, 0, LOG_KH, LOG_KW)
@@ -331,7 +345,8 @@ def launch_backward(grad_out, query, key, value, lse, delta, plan: AttentionPlan
         *sweep.num_bricks, *sweep.max_tiles, *sweep.log_brick, *sweep.log_tile,
         *frame,
         float(scale), float(scale) * LOG2E,
-        BLOCK_M=sweep.block_primary, BLOCK_N=sweep.block_secondary, UNIFORM=bool(sweep.uniform), **common,
+        BLOCK_M=sweep.block_primary, BLOCK_N=sweep.block_secondary, UNIFORM=bool(sweep.uniform),
+        PACKED=bool(sweep.packed), **common,
         num_warps=warps, num_stages=stages,
     )
 

@@ -46,9 +46,11 @@ def tile_stats(
         (pairs the forward kernel scores: for every program ``block_m * block_n`` times the key tiles
         it visits, from the same plan the kernel runs), ``ratio = computed / useful``, ``block_m``,
         ``block_n``, ``q_brick``/``k_tile`` (the ``(t, h, w)`` brick and tile shapes of the first
-        launch), ``programs`` (query bricks per batch and head), ``tiles_visited`` and ``uniform``
-        (every brick shares one window: the mask-free stride-aligned path). The GPU block configuration
-        is used even under the Triton interpreter.
+        launch; ``k_tile`` is ``(1, 1, block_n)`` with packed tiles), ``packed`` (the key tiles are
+        ``block_n`` consecutive keys of each brick's window union instead of boxes; see
+        :mod:`nuwa_kernels.backends.triton.plan`), ``programs`` (query bricks per batch and head),
+        ``tiles_visited`` and ``uniform`` (every brick shares one window: the mask-free stride-aligned
+        path). The GPU block configuration is used even under the Triton interpreter.
     """
     if backend != "triton":
         raise ValueError(f"tile_stats only describes backend='triton' schedules; got backend={backend!r}")
@@ -72,6 +74,7 @@ def tile_stats(
             for k in ("useful", "computed", "programs", "tiles_visited"):
                 total[k] += st[k]
             total["uniform"] &= bool(plan.fwd.uniform)
+            total["packed"] |= bool(plan.fwd.packed)
     total["ratio"] = total["computed"] / total["useful"] if total["useful"] else float("inf")
     return total
 
