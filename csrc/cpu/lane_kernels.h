@@ -607,15 +607,23 @@ struct RowRing {
 // out[i] (row i < nv of the block, row stride ors) = f[i] * sum_e P[e * L + i] * row(col[e] + i) over the
 // entries e, in entry order; row(c) = rows + c * X (a RowRing). P is 0 on the masked lanes (which add exact
 // zeros, as in lane_pv); entries masked for all the QB queries of a group are skipped. QB queries at a
-// time, NB vectors of the head dim each, in registers.
+// time, NB vectors of the head dim each, in registers. With `init` (rows of the accumulation type, row
+// stride irs; may be `out` itself), the sums start from init[i] instead of 0 (the backward's key pass sums
+// a group's heads this way, one head after the other).
 template <int QB, int NB, bool kStream, typename S, typename A>
 __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, const A* f, const A* __restrict P,
                                                          const A* __restrict rows, int64_t X, int64_t d0, int i,
-                                                         const int64_t* col, const uint32_t* mask, int64_t n) {
+                                                         const int64_t* col, const uint32_t* mask, int64_t n,
+                                                         const A* init, int64_t irs) {
   constexpr int L = kLanes<A>;
   Vec<A> acc[QB][NB];
-  for (int u = 0; u < QB; ++u)
-    for (int j = 0; j < NB; ++j) acc[u][j] = Vec<A>{};
+  if (init) {
+    for (int u = 0; u < QB; ++u)
+      for (int j = 0; j < NB; ++j) acc[u][j] = vld(init + (i + u) * irs + d0 + j * L);
+  } else {
+    for (int u = 0; u < QB; ++u)
+      for (int j = 0; j < NB; ++j) acc[u][j] = Vec<A>{};
+  }
   constexpr uint32_t kBits = (1u << QB) - 1;
   for (int64_t e = 0; e < n; ++e) {
     if (!((mask[e] >> i) & kBits)) continue;
@@ -651,24 +659,26 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
 
 template <int NB, bool kStream, typename S, typename A>
 inline void pv_rows_chunk(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, int64_t d0,
-                          const int64_t* col, const uint32_t* mask, int64_t n, int nv) {
+                          const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init, int64_t irs) {
   // Accumulators QB * NB registers: 16 of AVX-512's 32, 8 of AVX2's 16.
   constexpr int QB = kVecBytes == 64 ? (NB == 3 ? 2 : 4) : (NB <= 2 ? 4 : 2);
   int i = 0;
-  for (; i + QB <= nv; i += QB) pv_rows_group<QB, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n);
-  for (; i < nv; ++i) pv_rows_group<1, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n);
+  for (; i + QB <= nv; i += QB)
+    pv_rows_group<QB, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
+  for (; i < nv; ++i) pv_rows_group<1, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
 }
 
 template <bool kStream = false, typename S, typename A>
 inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, const int64_t* col,
-                         const uint32_t* mask, int64_t n, int nv) {
+                         const uint32_t* mask, int64_t n, int nv, const A* init = nullptr, int64_t irs = 0) {
   constexpr int L = kLanes<A>;
   int64_t d0 = 0;
-  for (; d0 + 4 * L <= X; d0 += 4 * L) pv_rows_chunk<4, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv);
+  for (; d0 + 4 * L <= X; d0 += 4 * L)
+    pv_rows_chunk<4, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs);
   switch ((X - d0) / L) {
-    case 3: pv_rows_chunk<3, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv); break;
-    case 2: pv_rows_chunk<2, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv); break;
-    case 1: pv_rows_chunk<1, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv); break;
+    case 3: pv_rows_chunk<3, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs); break;
+    case 2: pv_rows_chunk<2, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs); break;
+    case 1: pv_rows_chunk<1, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs); break;
     default: break;
   }
 }
@@ -830,7 +840,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
-  const int64_t scratch = (D + Dv) * ring + (D + Dv + D) * L + 2 * sbuf + L * X + 4 * L;
+  const int64_t scratch =
+      (D + Dv) * ring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   EntryTable et;
   et.build<L>(pr, g);
@@ -842,14 +853,13 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
     A* Qt = sc.a.data();     // [D][L]  queries, transposed, scaled
     A* Gt = Qt + D * L;      // [Dv][L] output gradients, transposed
-    A* dQt = Gt + Dv * L;    // [D][L]  dQ, transposed
-    A* Sb = dQt + D * L;     // [entries][L] scores, then P
+    A* Sb = Gt + Dv * L;     // [entries][L] scores, then P
     A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
     A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
     A* lse_v = tmp + L * X;  // [L]
     A* del_v = lse_v + L;    // [L]
     A* fac = del_v + L;      // [L]
-    A* kbuf = fac + L;       // rings
+    A* kbuf = fac + L;       // rings: K^T [D][ld], V^T [Dv][ld], K rows [R + L][D]
     int64_t* shift_buf = sc.idx.data();
     int64_t* col = shift_buf + g.box_max;
     uint32_t* mask_buf = reinterpret_cast<uint32_t*>(col + g.box_max);
@@ -861,16 +871,29 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     TransposedRing<S, kUnit, A> kr, vr;
     kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
     vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv), vflat);
+    RowRing<S, kUnit, A> krow;  // same slots as kr
+    krow.init(kbuf + D * kr.ld + Dv * vr.ld, g, L, first_col, head_rows(k, ks, b, gh, D));
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
       kr.advance(q0 + L + g.smax, tmp);
       vr.advance(q0 + L + g.smax, tmp);
+      krow.advance(q0 + L + g.smax);
       const int64_t* shift;
       const uint32_t* mask;
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       kr.slots(q0, shift, n, col);
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
+        // Prefetch the next head's (or block's) query and output-gradient rows.
+        {
+          const bool more = head + 1 < (gh + 1) * group;
+          const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
+          const int64_t pb = more ? q0 + nv : std::min(qb, q0 + 2 * L);
+          if (pa < pb) {
+            prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
+            prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g.H, g.W);
+          }
+        }
         transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
         transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
         gather_lane_stats(lse_v, head_rows(lse, ls, b, head, 1), q0, nv, g.H, g.W);
@@ -883,8 +906,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
           const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
           vst(Pb + e * L, p * (vld(Pb + e * L) - dv));
         }
-        lane_pv(dQt, Pb, kr.buf, kr.ld, col, n, D);
-        store_lanes(dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, dQt, fac, nv, D, tmp);
+        // dQ = scale dS K, in the natural layout: key rows from the ring, straight into the dQ rows.
+        lane_pv_rows(dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask, n, nv);
       }
     }
   });
@@ -907,7 +930,9 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
-  const int64_t scratch = group * (D + Dv + 2) * ring + 2 * (D + Dv) * L + 2 * sbuf + L * X + 2 * L;
+  const int64_t scratch = group * ((D + Dv + 2) * ring + RowRing<S, kUnit, A>::elems(g, L, D) +
+                                   RowRing<S, kUnit, A>::elems(g, L, Dv)) +
+                          (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0);
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   EntryTable et;
   et.build<L, true>(pr, g);
@@ -919,14 +944,12 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);
     A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled
     A* Vt = Kt + D * L;      // [Dv][L] values, transposed
-    A* dKt = Vt + Dv * L;    // [D][L]  dK accumulators, transposed
-    A* dVt = dKt + D * L;    // [Dv][L] dV accumulators, transposed
-    A* Sb = dVt + Dv * L;    // [entries][L] scores, then P
+    A* Sb = Vt + Dv * L;     // [entries][L] scores, then P
     A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
     A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
     A* fac = tmp + L * X;    // [L] scale
     A* one = fac + L;        // [L] 1
-    A* rbuf = one + L;       // rings of every head of the group
+    A* rbuf = one + L;       // rings of every head of the group, then (group > 1) dK, dV sums [L][D], [L][Dv]
     int64_t* shift_buf = sc.idx.data();
     int64_t* col = shift_buf + g.box_max;
     uint32_t* mask_buf = reinterpret_cast<uint32_t*>(col + g.box_max);
@@ -940,6 +963,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     const int64_t first_col = std::max<int64_t>(ka + g.smin, -L);
     std::vector<TransposedRing<S, kUnit, A>> qr(group), gr(group);
     std::vector<TransposedRing<A, true, A>> lr(group), dr(group);
+    std::vector<RowRing<S, kUnit, A>> qrow(group), grow(group);  // same slots as qr, gr
     A* rp = rbuf;
     for (int64_t j = 0; j < group; ++j) {
       const int64_t head = gh * group + j;
@@ -951,7 +975,13 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       rp += lr[j].ld;
       dr[j].init(rp, g, L, first_col, head_rows(delta, dls, b, head, 1), dflat);
       rp += dr[j].ld;
+      qrow[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D));
+      rp += RowRing<S, kUnit, A>::elems(g, L, D);
+      grow[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv));
+      rp += RowRing<S, kUnit, A>::elems(g, L, Dv);
     }
+    A* dKs = rp;           // [L][D]  dK sums over the group's heads but the last
+    A* dVs = dKs + L * D;  // [L][Dv] dV sums
     const HeadRows<S> kh_ = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
     for (int64_t k0 = ka; k0 < kb; k0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, kb - k0));
@@ -959,14 +989,20 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       const uint32_t* mask;
       const int64_t n = et.get<L, true>(pr, g, k0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       qr[0].slots(k0, shift, n, col);
+      if (k0 + L < kb) {  // the next block's key and value rows
+        prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
+        prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
+      }
       transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
       transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
-      std::fill(dKt, dKt + (D + Dv) * L, A(0));  // dKt and dVt are adjacent
+      const int64_t row0 = (b * g.Nq + k0) * heads_kv + gh;
       for (int64_t j = 0; j < group; ++j) {
         qr[j].advance(k0 + L + g.smax, tmp);
         gr[j].advance(k0 + L + g.smax, tmp);
         lr[j].advance(k0 + L + g.smax, tmp);
         dr[j].advance(k0 + L + g.smax, tmp);
+        qrow[j].advance(k0 + L + g.smax);
+        grow[j].advance(k0 + L + g.smax);
         lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
         lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
         for (int64_t e = 0; e < n; ++e) {
@@ -975,12 +1011,18 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
           vst(Sb + e * L, p);
           vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
         }
-        lane_pv(dVt, Sb, gr[j].buf, gr[j].ld, col, n, Dv, /*accumulate=*/true);
-        lane_pv(dKt, Pb, qr[j].buf, qr[j].ld, col, n, D, /*accumulate=*/true);
+        // dV = P^T dO and dK = scale dS^T Q in the natural layout, from the rows of dO and Q; a group's
+        // heads summed in order in dKs / dVs, the last head's sums stored into dK, dV.
+        const A* init_k = j > 0 ? dKs : nullptr;
+        const A* init_v = j > 0 ? dVs : nullptr;
+        if (j + 1 == group) {
+          lane_pv_rows(dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
+          lane_pv_rows(dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
+        } else {
+          lane_pv_rows(dVs, Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
+          lane_pv_rows(dKs, D, one, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
+        }
       }
-      const int64_t row0 = (b * g.Nq + k0) * heads_kv + gh;
-      store_lanes(dk + row0 * D, heads_kv * D, dKt, fac, nv, D, tmp);
-      store_lanes(dv + row0 * Dv, heads_kv * Dv, dVt, one, nv, Dv, tmp);
     }
   });
 }
