@@ -4,8 +4,9 @@
 
 For each case on the NÜWA video grid (10x21x21, 8 heads, D=64, fp32, B=1, default threads): the
 median time of ``nearby_attention(backend="cpu")`` forward (and forward+backward with ``--bwd``), the
-useful GFLOP/s (4*D FLOPs per allowed (query, key) pair and head forward, 14*D forward+backward:
-QK^T, PV; then QK^T, dP, dS K, dS^T Q, P^T dO again), its share of the same-process ``torch.mm``
+useful GFLOP/s (the report's convention, ``benchmarks.cases.attention_flops``: 4*D FLOPs per allowed
+(query, key) pair and head forward, 12*D forward+backward; the QK^T that fused kernels recompute in the
+backward is not counted), its share of the same-process ``torch.mm``
 fp32 rate, and the speedup over full SDPA (``is_causal=True`` SDPA for the raster-causal cases).
 Medians of several repeats; the ``uptime`` load is printed beside the results (shared cores).
 """
@@ -14,15 +15,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-import nuwa_kernels
-from nuwa_kernels.window import make_window_spec, window_mask
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # also runnable as `python benchmarks/cpu_gemm_rate.py`
+    sys.path.insert(0, ROOT)
+
+import nuwa_kernels  # noqa: E402
+from benchmarks.cases import attention_flops  # noqa: E402
+from benchmarks.measure import cpu_model  # noqa: E402
+from nuwa_kernels.window import make_window_spec, window_mask  # noqa: E402
 
 CASES = {
     "333": ((3, 3, 3), False),
@@ -31,17 +38,6 @@ CASES = {
     "333c": ((3, 3, 3), True),
     "777c": ((7, 7, 7), True),
 }
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 CLOCK = time.perf_counter
@@ -87,7 +83,7 @@ def main() -> None:
     N = grid[0] * grid[1] * grid[2]
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, *grid, heads, D) for _ in range(3))
-    print(f"cpu: {cpu_name()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
+    print(f"cpu: {cpu_model()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
           f"build {nuwa_kernels._build_info.BUILD.get('cpu_arch') if hasattr(nuwa_kernels, '_build_info') else '?'}")
     rate = mm_rate(args.reps)
     print(f"torch.mm fp32 1024^3: {rate:.1f} GFLOP/s")
@@ -102,7 +98,7 @@ def main() -> None:
         ks_, causal = CASES[name]
         spec = make_window_spec(grid, grid, ks_, causal, "truncate")
         pairs = int(window_mask(spec).sum())
-        flops = 4 * D * pairs * heads
+        flops = attention_flops(pairs, D, heads, 1, backward=False)
 
         def fwd():
             return nuwa_kernels.nearby_attention(q, k, v, kernel_size=ks_, causal=causal, backend="cpu")
@@ -121,7 +117,7 @@ def main() -> None:
                 o.backward(go)
 
             tb = timeit(fb, max(3, args.reps // 2))
-            gb = 14 * D * pairs * heads / tb / 1e9
+            gb = attention_flops(pairs, D, heads, 1, backward=True) / tb / 1e9
             line += f" | fwd+bwd {tb * 1e3:7.2f} ms {gb:6.1f} GFLOP/s {100 * gb / rate:5.1f}% of mm"
         print(line, flush=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
