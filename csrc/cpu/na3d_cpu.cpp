@@ -93,21 +93,29 @@ inline A to_acc(S x) {
 // exp for softmax arguments (x <= ~0), vectorisable: Cephes' expf polynomial (about 1 ulp), rounding
 // by the 1.5 * 2^23 trick (floorf blocks GCC's vectoriser), 0 below the float range. float64 uses
 // std::exp.
-__attribute__((always_inline)) inline float exp_acc(float x) {
-  constexpr float kLo = -87.33654475f;
-  constexpr float kHi = 88.0f;
-  const float xc = std::min(std::max(x, kLo), kHi);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // nearest integer
-  float r = xc - n * 0.693359375f;
+// The shared core, for a float or a vector of floats (lane_kernels.h's exp_vec): n = round(xc / ln 2)
+// and the polynomial of the reduced argument, so exp(xc) = poly * 2^n.
+template <typename T>
+__attribute__((always_inline)) inline T exp_poly(T xc, T& n) {
+  n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // nearest integer
+  T r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float y = 1.9875691500e-4f;
+  const T r2 = r * r;
+  T y = T{} + 1.9875691500e-4f;
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
-  y = y * r2 + r + 1.0f;
+  return y * r2 + r + 1.0f;
+}
+
+__attribute__((always_inline)) inline float exp_acc(float x) {
+  constexpr float kLo = -87.33654475f;
+  constexpr float kHi = 88.0f;
+  const float xc = std::min(std::max(x, kLo), kHi);
+  float n;
+  const float y = exp_poly(xc, n);
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float pow2n;
   std::memcpy(&pow2n, &bits, sizeof(float));
