@@ -9,7 +9,8 @@
 #   build        pip install --no-build-isolation --no-deps -e .  (CUDA_HOME found by setup.py from nvcc;
 #                NUWA_CUDA_ARCHS defaults to the present GPU's arch, PTX included)
 #   report       python -m nuwa_kernels (+ report.json)
-#   tests        NUWA_REQUIRE_BACKENDS=cuda,triton pytest on the GPU-focused test files (junit XML)
+#   tests        NUWA_REQUIRE_BACKENDS=cuda,triton pytest on the GPU-focused test files (junit XML;
+#                pytest-xdist workers when it is installed)
 #   bench-tiny   python -m benchmarks.run --tiny --device cuda
 #   host-overhead  python benchmarks/host_overhead.py (when present)
 #   bench-quick  python -m benchmarks.run --quick --device cuda, with whatever time is left
@@ -121,7 +122,8 @@ if has_module pytest; then
     read -r -a TEST_ARGS <<< "$NUWA_GPU_CHECK_TESTS"
   else
     TEST_ARGS=()
-    for f in tests/test_cuda_kernel.py tests/test_triton.py tests/test_backends.py tests/test_ops.py tests/test_api.py; do
+    for f in tests/test_cuda_kernel.py tests/test_triton.py tests/test_backends.py tests/test_ops.py tests/test_api.py \
+             tests/test_generalised.py; do
       [[ -f "$f" ]] && TEST_ARGS+=("$f")
     done
   fi
@@ -132,7 +134,13 @@ if has_module pytest; then
     fi
   done
   ((${#IGNORE[@]})) && echo "gpu-check: tests: ${IGNORE[*]} (modules not installed)"
-  step tests 200 env NUWA_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest "${TEST_ARGS[@]}" "${IGNORE[@]}" \
+  # pytest-xdist (when installed): Triton's first-call compiles dominate, and they run on the CPUs
+  XDIST=()
+  if has_module xdist; then
+    n=$(( $(nproc 2>/dev/null || echo 2) / 2 )); (( n > 8 )) && n=8
+    (( n >= 2 )) && XDIST=(-n "$n")
+  fi
+  step tests 200 env NUWA_REQUIRE_BACKENDS=cuda,triton "$PY" -m pytest "${TEST_ARGS[@]}" "${IGNORE[@]}" "${XDIST[@]}" \
     -q -p no:cacheprovider --maxfail=10 -o faulthandler_timeout=90 --durations=20 \
     --junitxml="$OUTDIR/tests.xml" || FAILED=1
 else
