@@ -225,11 +225,13 @@ def test_backward_is_deterministic():
 
 
 @gpu_test
-def test_opcheck_cuda_op():
+@pytest.mark.parametrize("stride", [[1, 1, 1], [1, 2, 1]])
+def test_opcheck_cuda_op(stride):
     q, k, v = random_grid_inputs(2, (2, 3, 4), (2, 3, 4), 4, 2, 32, dtype=torch.float32, device="cuda",
                                  requires_grad=True)
     _require_cuda_backend(q, k, v)
-    args = ([3, 3, 3], [False, False, False], True, False, 0.3)
+    # the op schema: kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale
+    args = ([3, 3, 3], [False, False, False], True, False, stride, [], 0.3)
     fwd = torch.ops.nuwa_kernels.na3d_fwd.default
     torch.library.opcheck(fwd, (q, k, v, *args))
     with torch.no_grad():
@@ -266,6 +268,20 @@ def test_can_run_reasons():
             bad = torch.zeros(1, 1, 2, 2, 1, 12, device="cuda")
             assert "head dim" in nk.can_run("cuda", bad, bad, bad)[1]
             assert "dtype" in nk.can_run("cuda", qc.double(), qc.double(), qc.double())[1]
+
+
+def test_availability_check_traces_as_a_constant():
+    """``torch.compile(fullgraph=True)`` over a call that asks whether the CUDA kernels exist: the
+    dispatcher query is not traceable, so the answer must reach dynamo as a constant (a GPU run found
+    the graph break)."""
+    from nuwa_kernels.backends import cuda as cuda_backend
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: x + (1.0 if cuda_backend.kernels_error() is None else 2.0), fullgraph=True,
+                       backend="eager")
+    x = torch.randn(3)
+    want = 1.0 if cuda_backend.kernels_error() is None else 2.0
+    torch.testing.assert_close(fn(x), x + want)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -605,6 +605,6 @@ def test_can_run_refuses_batch_heads_beyond_grid_limit():
     from nuwa_kernels.backends import triton as tb
     from nuwa_kernels.window import make_window_spec
 
-    q = torch.zeros(1, 1, 1, 1, 1, 16).expand(65536, 1, 1, 1, 2, 16)  # no memory: stride 0
+    q = torch.zeros(1, 1, 1, 1, 1, 16, device=DEVICE).expand(65536, 1, 1, 1, 2, 16)  # no memory: stride 0
     ok, why = tb.can_run(q, q, q, make_window_spec((1, 1, 1), (1, 1, 1)))
     assert not ok and "65535" in why

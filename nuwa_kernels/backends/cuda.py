@@ -13,6 +13,7 @@ The op pair, its fake kernels and autograd are shared with the ``cpu`` backend
 
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import torch
@@ -29,8 +30,17 @@ MAX_HEAD_DIM = 256
 HEAD_DIM_MULTIPLE = 8
 
 
+@torch.compiler.assume_constant_result
 def kernels_error() -> str | None:
-    """Why the CUDA kernels are unavailable in this build, or ``None`` when they are registered."""
+    """Why the CUDA kernels are unavailable in this build, or ``None`` when they are registered.
+
+    Fixed for the life of the process (the extension loads once), so it is computed once and
+    ``torch.compile`` takes it as a constant (it asks the dispatcher, which dynamo cannot trace)."""
+    return _kernels_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_error() -> str | None:
     err = _fused_ops.load_error()
     if err is not None:
         return err
