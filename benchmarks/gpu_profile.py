@@ -40,6 +40,7 @@ from benchmarks.runner import _rel_err, gpu_input_sets, make_inputs  # noqa: E40
 from nuwa_kernels.backends.triton.plan import BlockConfig, override_config  # noqa: E402
 
 DEVICE = "cuda"
+REFERENCE_PROVIDER = "nearby-cuda"  # the rows' outputs are compared with this one's
 # rows not run: the cuda backend's CUDA-core kernels take seconds per HunyuanVideo backward
 SKIP = {("hunyuan", True): {"nearby-cuda"}}
 
@@ -197,7 +198,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             finally:
                 p.release()
             case_rows.append(row)
-        ref = next((r["out"] for r in case_rows if r.get("provider") == "nearby-cuda" and "out" in r), None)
+        ref = next((r["out"] for r in case_rows if r.get("provider") == REFERENCE_PROVIDER and "out" in r), None)
         for r in case_rows:
             out = r.pop("out", None)
             if ref is not None and out is not None and r["provider"].startswith("nearby"):

@@ -11,9 +11,11 @@
 #   report       python -m nuwa_kernels (+ report.json)
 #   tests        NUWA_REQUIRE_BACKENDS=cuda,triton pytest on the GPU-focused test files (junit XML;
 #                pytest-xdist workers when it is installed)
-#   bench-tiny   python -m benchmarks.run --tiny --device cuda
 #   host-overhead  python benchmarks/host_overhead.py (when present)
-#   bench-quick  python -m benchmarks.run --quick --device cuda, with whatever time is left
+#   gpu-profile  python benchmarks/gpu_profile.py: wall vs kernel time, HunyuanVideo's grid first
+#   bench-tiny   python -m benchmarks.run --tiny --device cuda
+#   bench-quick  python -m benchmarks.run --quick --device cuda, with whatever time is left (the whole
+#                quick set needs more than the default budget on an H200: FlexAttention compiles)
 # Test files that need a package that is not installed (e.g. hypothesis) are skipped, not failed.
 #
 # Environment:
@@ -150,10 +152,13 @@ fi
 # --- benchmarks ----------------------------------------------------------------------------------
 PLOTS=()
 has_module matplotlib || PLOTS=(--no-plots)
-step bench-tiny 90 "$PY" -m benchmarks.run --tiny --device cuda --out "$OUTDIR/bench" "${PLOTS[@]}"
 if [[ -f benchmarks/host_overhead.py ]]; then
   step host-overhead 60 "$PY" benchmarks/host_overhead.py --json "$OUTDIR/host_overhead.json"
 fi
+# wall vs kernel time on the large grids first (HunyuanVideo's 115,200 tokens), the question a GPU answers
+step gpu-profile 170 "$PY" benchmarks/gpu_profile.py --sets hunyuan,large,nuwa --budget-s 120 \
+  --json "$OUTDIR/gpu_profile.json"
+step bench-tiny 90 "$PY" -m benchmarks.run --tiny --device cuda --out "$OUTDIR/bench" "${PLOTS[@]}"
 step bench-quick 600 "$PY" -m benchmarks.run --quick --device cuda --out "$OUTDIR/bench" "${PLOTS[@]}"
 
 echo "" >> "$SUMMARY"

@@ -174,6 +174,28 @@ def test_auto_on_cpu_picks_a_cpu_backend():
     assert chosen == ("cpu" if nk.can_run("cpu", q, k, v)[0] else "reference")
 
 
+@pytest.mark.parametrize(
+    "grid,heads,kernel_size,first",
+    [
+        ((10, 21, 21), 8, 3, "cuda"),  # NÜWA video, 35,280 query rows: the CUDA kernels win fwd + bwd
+        ((1, 21, 21), 8, (1, 3, 3), "cuda"),
+        ((16, 32, 32), 8, 3, "triton"),  # 131,072 rows: Triton 3x faster (H200)
+        ((10, 21, 21), 8, (18, 21, 21), "triton"),  # a large window
+    ],
+)
+def test_auto_order_on_cuda_follows_the_measured_rule(grid, heads, kernel_size, first):
+    """The rule itself (no GPU needed: it reads only the device type and the shape)."""
+    from types import SimpleNamespace
+
+    from nuwa_kernels.backends import SMALL_CALL_QUERY_HEADS, _auto_order
+    from nuwa_kernels.window import make_window_spec
+
+    q = SimpleNamespace(device=torch.device("cuda", 0), shape=(1, *grid, heads, 64))
+    order = _auto_order(q, make_window_spec(grid, grid, kernel_size))
+    assert order[0] == first and set(order) == {"cuda", "triton", "reference"} and order[-1] == "reference"
+    assert SMALL_CALL_QUERY_HEADS >= 10 * 21 * 21 * 8
+
+
 # ------------------------------------------------------------------ autocast
 def test_autocast_casts_like_sdpa():
     q, k, v = grid_inputs(dtype=torch.float32)

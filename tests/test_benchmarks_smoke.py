@@ -273,3 +273,35 @@ def test_stride_tiles_benchmark_schedule(tmp_path):
     assert hunyuan and all(r["aligned_ratio"] <= 1.10 and r["uniform"] for r in hunyuan)
     assert all(r["exact_ratio"] >= 1.0 for r in data["schedule"])
     assert "stride = tile" in (tmp_path / "stride_tiles.md").read_text()
+
+
+def test_gpu_profile_rows(tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_profile.py's row pipeline on the CPU (its CUDA timers and profiler stubbed): every
+    row timed, errors against the reference provider, FLOPs from the provider's own pairs, JSON out."""
+    import benchmarks.gpu_profile as gp
+    from benchmarks import measure
+
+    case = Case("nuwa-video", (2, 4, 5), (3, 3, 3), False, heads=2, head_dim=16)
+    monkeypatch.setattr(gp, "DEVICE", "cpu")
+    monkeypatch.setattr(gp, "REFERENCE_PROVIDER", "nearby-reference")
+    monkeypatch.setattr(gp, "profile_sets", lambda: {"nuwa": [case], "hunyuan": [case]})
+
+    def fake_timer(fn, **kw):  # runs the call, reports 0.5 ms
+        fn()
+        return measure._summary([0.5] * 3)
+
+    monkeypatch.setattr(gp.measure, "time_cuda", fake_timer)
+    monkeypatch.setattr(gp, "kernel_time", lambda step, iters: {"kernel_ms": 0.2, "kernels": []})
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    out = tmp_path / "profile.json"
+    assert gp.main(["--sets", "nuwa", "--providers", "cpu,reference", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    cpu_row = next(r for r in rows if r["provider"] == "nearby-cpu")
+    assert cpu_row["status"] == "ok" and cpu_row["rel_err_vs_cuda"] < 1e-5
+    assert cpu_row["host_ms"] == pytest.approx(0.3)
+    pairs = window_pairs(case.grid, case.kernel_size)
+    assert cpu_row["useful_tflops"] == pytest.approx(4 * 16 * pairs * 2 / 0.5e-3 / 1e12)
+    with pytest.raises(SystemExit):
+        gp.main(["--sets", "nope"])
+    assert [p.name for p in gp.make_providers(["triton", "cuda", "cudnn"], Case("hunyuan", (2, 2, 2), 3, backward=True))] == [
+        "nearby-triton", "full-sdpa-cudnn"]

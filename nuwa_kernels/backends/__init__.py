@@ -8,10 +8,10 @@ Every backend module exposes the same three names:
 * ``forward(query, key, value, spec, scale) -> tuple[Tensor, Tensor]``: ``(out, lse)``, differentiable
   through the backend's registered ``torch.library`` ops.
 
-The ``auto`` rule (documented in the README): on CUDA tensors try ``triton``, then ``cuda``, then
-``reference``, except for small windows (at most 512 keys per query) where ``cuda`` comes first
-(exact pairs; see :func:`_auto_order`); on CPU tensors try ``cpu``, then ``reference``; on any other
-device ``reference``.
+The ``auto`` rule (documented in the README and docs/DESIGN.md, measured on an H200): on CUDA tensors try
+``triton``, then ``cuda``, then ``reference``, except for small calls (a small window and at most
+:data:`SMALL_CALL_QUERY_HEADS` query rows) where ``cuda`` comes first (see :func:`_auto_order`); on CPU
+tensors try ``cpu``, then ``reference``; on any other device ``reference``.
 The ``NUWA_KERNELS_BACKEND`` environment variable, when set, replaces ``auto``.
 """
 
@@ -30,6 +30,12 @@ from ..window import WindowSpec
 BACKEND_NAMES = ("reference", "cpu", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 ENV_VAR = "NUWA_KERNELS_BACKEND"
+# Query rows (batch x tokens x heads) up to which a small-window call on CUDA goes to the cuda backend
+# first: measured on an H200 (benchmarks/results/h200/), the CUDA kernels win forward + backward on NÜWA's
+# 10x21x21 grid with 8 heads (35,280 rows: 0.62 ms against Triton's 1.16 ms, 0.40 against 0.97
+# raster-causal), while Triton wins from 16x32x32 x 8 heads on (131,072 rows: 0.087 ms forward against
+# 0.284, 0.94 forward + backward against 1.30).
+SMALL_CALL_QUERY_HEADS = 65536
 
 _MODULES = {
     "reference": ".reference",
@@ -85,16 +91,18 @@ def can_run(name: str, query: Tensor, key: Tensor, value: Tensor, spec: WindowSp
 
 
 def _auto_order(query: Tensor, spec: WindowSpec) -> Tuple[str, ...]:
-    """``auto``'s order for a call. On CUDA tensors: ``triton`` first for large windows (its
-    64-token tiles run on tensor cores, ``wgmma`` on sm_90); ``cuda`` first for small windows (a query
-    sees at most ``backends.triton.config.SMALL_WINDOW_KEYS`` = 512 keys, e.g. NÜWA's 3x3x3 and 7x7x7),
-    where the CUDA kernels score exactly the allowed pairs while Triton's 16-token tiles still score
-    about 1.9-4.8x more (``tile_stats``)."""
+    """``auto``'s order for a call. On CUDA tensors: ``triton`` first (tensor-core tiles; on an H200 it
+    is 3-12x faster than the ``cuda`` backend from 16x32x32 x 8 heads up, and on HunyuanVideo's 18x24x24
+    window), except ``cuda`` first for small calls: a small window (a query sees at most
+    ``backends.triton.config.SMALL_WINDOW_KEYS`` = 512 keys, e.g. NÜWA's 3x3x3) and at most
+    :data:`SMALL_CALL_QUERY_HEADS` query rows, where the CUDA kernels score exactly the allowed pairs
+    and their lighter launch path wins forward + backward."""
     order = AUTO_ORDER.get(query.device.type, ("reference",))
     if query.device.type == "cuda":
         from .triton.config import window_class
 
-        if window_class(spec) == "small":
+        rows = query.shape[0] * query.shape[1] * query.shape[2] * query.shape[3] * query.shape[4]
+        if rows <= SMALL_CALL_QUERY_HEADS and window_class(spec) == "small":
             return ("cuda", "triton", "reference")
     return order
 

@@ -26,12 +26,16 @@ def load_error() -> Optional[str]:
 
 
 def ensure_registered() -> bool:
-    """Register the fused pair's fake kernels and autograd once; ``False`` without the extension."""
-    global _registered
+    """Register the fused pair's fake kernels and autograd once, and build its :class:`~nuwa_kernels._ops.OpPair`;
+    ``False`` without the extension."""
+    global _registered, _PAIR
     if not _extension.loaded():
         return False
     if not _registered:
         _ops.register_fake_and_autograd(FWD_NAME, BWD_NAME)
+        # built here, at import, not on first use: torch.compile guards on the module global, and a pair
+        # created inside the first compiled call would make the next call recompile
+        _PAIR = _ops.OpPair(fwd_op(), bwd_op(), fwd_op(), bwd_op())
         _registered = True
     return True
 
@@ -51,14 +55,14 @@ def fwd_op():
     return torch.ops.nuwa_kernels.na3d_fwd.default
 
 
-_PAIR = None
+_PAIR: Optional["_ops.OpPair"] = None
 
 
 def pair() -> "_ops.OpPair":
-    """The fused :class:`~nuwa_kernels._ops.OpPair` (the C++ ops serve eager calls too)."""
-    global _PAIR
+    """The fused :class:`~nuwa_kernels._ops.OpPair` (the C++ ops serve eager calls too; the extension must
+    be loaded)."""
     if _PAIR is None:
-        _PAIR = _ops.OpPair(fwd_op(), bwd_op(), fwd_op(), bwd_op())
+        raise RuntimeError(f"the fused ops are not available: {load_error()}")
     return _PAIR
 
 
