@@ -2,6 +2,8 @@
 //
 //   nuwa_kernels::na3d_fwd / na3d_bwd   the fused kernels; implemented per dispatch key in
 //                                       csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
+//   nuwa_kernels::na3d_delta            delta = rowsum(dO * O) - dLSE of the backward, one pass over
+//                                       dO and O (no dO * O temporary) for the eager path.
 //   nuwa_kernels::window_table          a test hook: the per-axis window and inverse-window tables
 //                                       computed by csrc/window.h, compared with window.py by
 //                                       tests/test_window_header.py.
@@ -11,10 +13,17 @@
 // it runs the static registrations below.
 #include <Python.h>
 
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/sub.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <optional>
 #include <tuple>
 
 #include "window.h"
@@ -75,6 +84,51 @@ std::tuple<at::Tensor, at::Tensor> window_table(int64_t q_len, int64_t k_len, in
   return {win, inv};
 }
 
+// Row dot products of contiguous CPU rows, accumulated in acc_t (float, or double for double inputs).
+template <typename scalar_t, typename acc_t>
+void rowsum_product(const scalar_t* g, const scalar_t* o, acc_t* d, int64_t rows, int64_t dim) {
+  at::parallel_for(0, rows, 2048 / std::max<int64_t>(dim, 1) + 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* gr = g + r * dim;
+      const scalar_t* orow = o + r * dim;
+      acc_t s = 0;
+      for (int64_t i = 0; i < dim; ++i) s += static_cast<acc_t>(gr[i]) * static_cast<acc_t>(orow[i]);
+      d[r] = s;
+    }
+  });
+}
+
+// delta = rowsum(grad_out * out) - grad_lse, in float32 (float64 for float64 inputs), shape out[:-1].
+// Contiguous CPU inputs take one fused pass; anything else (CUDA, expanded or strided gradients) the
+// equivalent ATen ops.
+at::Tensor na3d_delta(const at::Tensor& grad_out, const at::Tensor& out, const std::optional<at::Tensor>& grad_lse) {
+  TORCH_CHECK(grad_out.sizes() == out.sizes(), "na3d_delta: grad_out and out shapes differ");
+  TORCH_CHECK(out.dim() >= 1, "na3d_delta: out needs a head dim");
+  const auto acc = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor delta;
+  if (out.device().is_cpu() && grad_out.scalar_type() == out.scalar_type() && grad_out.is_contiguous() &&
+      out.is_contiguous()) {
+    auto shape = out.sizes().vec();
+    const int64_t dim = shape.back();
+    shape.pop_back();
+    delta = at::empty(shape, out.options().dtype(acc));
+    const int64_t rows = delta.numel();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "na3d_delta", [&] {
+      if (acc == at::kDouble) {
+        rowsum_product<scalar_t, double>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+                                         delta.mutable_data_ptr<double>(), rows, dim);
+      } else {
+        rowsum_product<scalar_t, float>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+                                        delta.mutable_data_ptr<float>(), rows, dim);
+      }
+    });
+  } else {
+    delta = at::sum(at::mul(grad_out.to(acc), out.to(acc)), {-1});
+  }
+  if (grad_lse.has_value() && grad_lse->defined()) delta = at::sub(delta, grad_lse->to(acc));
+  return delta;
+}
+
 }  // namespace
 }  // namespace nuwa
 
@@ -87,9 +141,12 @@ TORCH_LIBRARY(nuwa_kernels, m) {
       "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, int[] stride, int[] slab, "
       "float scale) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def("na3d_delta(Tensor grad_out, Tensor out, Tensor? grad_lse) -> Tensor");
   // No tensor arguments: registered as a catch-all kernel.
   m.def(
       "window_table(int q_len, int k_len, int k, bool causal, bool shift, int stride=1, int[] slab=[]) -> "
       "(Tensor window, Tensor inverse)",
         &nuwa::window_table);
 }
+
+TORCH_LIBRARY_IMPL(nuwa_kernels, CompositeExplicitAutograd, m) { m.impl("na3d_delta", &nuwa::na3d_delta); }

@@ -15,7 +15,6 @@ accumulation dtype, and gradients shaped like their inputs.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple
 
@@ -125,7 +124,9 @@ class _EagerCall(torch.autograd.Function):
     ``torch.compile`` the registered op is used instead (see :func:`call`)."""
 
     @staticmethod
-    def forward(ctx, pair: OpPair, query, key, value, *args):
+    def forward(ctx, pair: OpPair, query, key, value, args):
+        # ``args``: the window arguments and scale as one tuple (one autograd.Function argument, not
+        # seven: apply's per-argument bookkeeping is part of the host path)
         with torch._C._AutoDispatchBelowAutograd():
             out, lse = pair.fwd_eager(query, key, value, *args)
         ctx.set_materialize_grads(False)
@@ -135,9 +136,13 @@ class _EagerCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        with torch._C._AutoDispatchBelowAutograd() if not torch.is_grad_enabled() else contextlib.nullcontext():
-            grads = _backward(ctx.pair.bwd_eager, ctx.pair.delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse)
-        return (None,) + grads + (None,) * len(ctx.args)
+        pair = ctx.pair
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            grads = _backward(pair.bwd_eager, pair.delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                grads = _backward(pair.bwd_eager, pair.delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse)
+        return (None, *grads, None)
 
 
 def call(pair: OpPair, query: Tensor, key: Tensor, value: Tensor, *args) -> Tuple[Tensor, Tensor]:
@@ -146,7 +151,7 @@ def call(pair: OpPair, query: Tensor, key: Tensor, value: Tensor, *args) -> Tupl
     if torch.compiler.is_compiling():
         return pair.fwd(query, key, value, *args)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
-        return _EagerCall.apply(pair, query, key, value, *args)
+        return _EagerCall.apply(pair, query, key, value, args)
     with torch._C._AutoDispatchBelowAutograd():
         return pair.fwd_eager(query, key, value, *args)
 

@@ -459,3 +459,27 @@ def test_lane_kernels_large_output(layout):
     ref_out, ref_lse = run_oracle(case, q.double(), k.double(), v.double())
     assert rel_err(out, ref_out) < TOLERANCE[torch.float32]
     assert rel_err(lse, ref_lse) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "expanded"])
+def test_fused_delta_matches_the_formula(dtype, layout):
+    """``nuwa_kernels::na3d_delta`` (the eager backward's ``rowsum(dO * O) - dLSE``, one pass on CPU)
+    against the formula in float64, with and without a gradient on the LSE, for any gradient layout."""
+    from nuwa_kernels.backends import _fused_ops
+
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn(2, 3, 4, 5, 3, 40, generator=g).to(dtype)
+    dout = torch.randn(2, 3, 4, 5, 3, 40, generator=g).to(dtype)
+    if layout == "strided":
+        dout = dout.transpose(1, 3).contiguous().transpose(1, 3)
+    elif layout == "expanded":  # out.sum().backward() hands the op an expanded scalar
+        dout = torch.randn(1, generator=g).to(dtype).expand(out.shape)
+    dlse = torch.randn(2, 3, 4, 5, 3, generator=g)
+    want = (dout.double() * out.double()).sum(-1)
+    for grad_lse in (None, dlse):
+        got = _fused_ops.delta(dout, out, grad_lse)
+        expect = want if grad_lse is None else want - grad_lse.double()
+        assert got.dtype == _ops.accum_dtype(dtype) and got.shape == out.shape[:-1]
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert rel_err(got, expect) < tol

@@ -35,7 +35,8 @@ def ensure_registered() -> bool:
         _ops.register_fake_and_autograd(FWD_NAME, BWD_NAME)
         # built here, at import, not on first use: torch.compile guards on the module global, and a pair
         # created inside the first compiled call would make the next call recompile
-        _PAIR = _ops.OpPair(fwd_op(), bwd_op(), fwd_op(), bwd_op())
+        # eager calls take the C++ functions behind the OpOverloads (no OpOverload.__call__ on the host path)
+        _PAIR = _ops.OpPair(fwd_op(), bwd_op(), fwd_op()._op, bwd_op()._op, delta)
         _registered = True
     return True
 
@@ -64,6 +65,12 @@ def pair() -> "_ops.OpPair":
     if _PAIR is None:
         raise RuntimeError(f"the fused ops are not available: {load_error()}")
     return _PAIR
+
+
+def delta(grad_out, out, grad_lse=None):
+    """``rowsum(dO * O) - dLSE`` through ``nuwa_kernels::na3d_delta`` (one fused pass on CPU; float32, or
+    float64 for float64 inputs), the eager backward's ``delta``."""
+    return torch.ops.nuwa_kernels.na3d_delta.default(grad_out, out, grad_lse)
 
 
 def bwd_op():
