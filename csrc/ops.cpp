@@ -2,13 +2,15 @@
 //
 //   nuwa_kernels::na3d_fwd / na3d_bwd   the fused kernels; implemented per dispatch key in
 //                                       csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
+//   nuwa_kernels::na3d_bwd_recompute    the differentiable backward of double backward (Python kernel).
 //   nuwa_kernels::na3d_delta            delta = rowsum(dO * O) - dLSE of the backward, one pass over
 //                                       dO and O (no dO * O temporary) for the eager path.
 //   nuwa_kernels::window_table          a test hook: the per-axis window and inverse-window tables
 //                                       computed by csrc/window.h, compared with window.py by
 //                                       tests/test_window_header.py.
 //
-// Fake (meta) kernels and autograd are registered from Python (nuwa_kernels/backends/_fused_ops.py).
+// Autograd of na3d_fwd: csrc/autograd.cpp. Fake (meta) kernels are registered from Python
+// (nuwa_kernels/backends/_fused_ops.py).
 // This file also defines the module init of nuwa_kernels._C, which holds no Python bindings: importing
 // it runs the static registrations below.
 #include <Python.h>
@@ -99,26 +101,33 @@ void rowsum_product(const scalar_t* g, const scalar_t* o, acc_t* d, int64_t rows
 }
 
 // delta = rowsum(grad_out * out) - grad_lse, in float32 (float64 for float64 inputs), shape out[:-1].
-// Contiguous CPU inputs take one fused pass; anything else (CUDA, expanded or strided gradients) the
-// equivalent ATen ops.
+// CPU inputs take one fused pass (no dO * O temporary); CUDA inputs the equivalent ATen ops.
 at::Tensor na3d_delta(const at::Tensor& grad_out, const at::Tensor& out, const std::optional<at::Tensor>& grad_lse) {
   TORCH_CHECK(grad_out.sizes() == out.sizes(), "na3d_delta: grad_out and out shapes differ");
   TORCH_CHECK(out.dim() >= 1, "na3d_delta: out needs a head dim");
   const auto acc = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor delta;
-  if (out.device().is_cpu() && grad_out.scalar_type() == out.scalar_type() && grad_out.is_contiguous() &&
-      out.is_contiguous()) {
-    auto shape = out.sizes().vec();
+  if (out.device().is_cpu()) {
+    // one loop for every layout (strided or expanded gradients are made contiguous first), so equal
+    // values give bitwise-equal deltas whatever their strides
+    at::Tensor g = grad_out, o = out;
+    if (g.scalar_type() != o.scalar_type()) {
+      g = g.to(acc);
+      o = o.to(acc);
+    }
+    g = g.contiguous();
+    o = o.contiguous();
+    auto shape = o.sizes().vec();
     const int64_t dim = shape.back();
     shape.pop_back();
     delta = at::empty(shape, out.options().dtype(acc));
     const int64_t rows = delta.numel();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "na3d_delta", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "na3d_delta", [&] {
       if (acc == at::kDouble) {
-        rowsum_product<scalar_t, double>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+        rowsum_product<scalar_t, double>(g.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
                                          delta.mutable_data_ptr<double>(), rows, dim);
       } else {
-        rowsum_product<scalar_t, float>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
+        rowsum_product<scalar_t, float>(g.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
                                         delta.mutable_data_ptr<float>(), rows, dim);
       }
     });
@@ -142,6 +151,12 @@ TORCH_LIBRARY(nuwa_kernels, m) {
       "float scale) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("na3d_delta(Tensor grad_out, Tensor out, Tensor? grad_lse) -> Tensor");
+  // The differentiable backward for create_graph=True (csrc/autograd.cpp); implemented in Python
+  // (CompositeImplicitAutograd, nuwa_kernels/backends/_fused_ops.py).
+  m.def(
+      "na3d_bwd_recompute(Tensor query, Tensor key, Tensor value, Tensor? grad_out, Tensor? grad_lse, "
+      "int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, int[] stride, int[] slab, "
+      "float scale) -> (Tensor, Tensor, Tensor)");
   // No tensor arguments: registered as a catch-all kernel.
   m.def(
       "window_table(int q_len, int k_len, int k, bool causal, bool shift, int stride=1, int[] slab=[]) -> "

@@ -68,6 +68,8 @@ class OpPair:
         fwd_eager, bwd_eager: what an eager call runs below autograd: the op itself for C++ ops, the
             Python implementation for Python custom ops (no dispatcher round trip on the host path).
         delta: ``(grad_out, out, grad_lse) -> delta`` for the backward.
+        native_autograd: the forward op has its own (C++) autograd kernel, so an eager call with
+            gradients just calls ``fwd_eager`` (the fused ops, csrc/autograd.cpp).
     """
 
     fwd: Callable
@@ -75,9 +77,10 @@ class OpPair:
     fwd_eager: Callable
     bwd_eager: Callable
     delta: Callable = eager_delta
+    native_autograd: bool = False
 
 
-def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
+def register_fake_and_autograd(fwd_name: str, bwd_name: str, delta: Callable = eager_delta) -> None:
     """Register the shared fake kernels and the autograd formula for one backend's op pair.
 
     The backward is FlashAttention-style: ``delta = rowsum(dO * O) - dLSE`` is formed here (so a loss
@@ -88,9 +91,10 @@ def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
     themselves differentiable, so under grad mode the backward is instead computed by differentiating a
     pure-PyTorch recomputation of the op (:func:`nuwa_kernels.backends.reference.differentiable_forward`),
     which makes double backward exact on every backend (at reference speed and memory).
+
+    The fused C++ pair has the same formula in C++ (csrc/autograd.cpp) and registers only its fakes.
     """
-    torch.library.register_fake(fwd_name)(_fake_fwd)
-    torch.library.register_fake(bwd_name)(_fake_bwd)
+    register_fakes(fwd_name, bwd_name)
     bwd_op = _resolve(bwd_name)
 
     def setup_context(ctx, inputs, output):
@@ -100,9 +104,10 @@ def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
         ctx.args = tuple(list(a) if isinstance(a, (list, tuple)) else a for a in inputs[3:])
 
     def backward(ctx, grad_out, grad_lse):
-        # The registered autograd is what torch.compile traces (fake tensors): delta from traceable
-        # PyTorch ops here; eager calls take _EagerCall and the backend's fused delta.
-        return _backward(bwd_op, eager_delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse) + (None,) * len(ctx.args)
+        # The registered autograd is what torch.compile traces (fake tensors); ``delta`` must be
+        # traceable there (PyTorch ops, or an op with a fake kernel) and is the one eager calls use, so
+        # compiled and eager gradients are bitwise equal.
+        return _backward(bwd_op, delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse) + (None,) * len(ctx.args)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
@@ -151,9 +156,17 @@ def call(pair: OpPair, query: Tensor, key: Tensor, value: Tensor, *args) -> Tupl
     if torch.compiler.is_compiling():
         return pair.fwd(query, key, value, *args)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        if pair.native_autograd:  # the op's own (C++) autograd kernel records the node
+            return pair.fwd_eager(query, key, value, *args)
         return _EagerCall.apply(pair, query, key, value, args)
     with torch._C._AutoDispatchBelowAutograd():
         return pair.fwd_eager(query, key, value, *args)
+
+
+def register_fakes(fwd_name: str, bwd_name: str) -> None:
+    """Register the shared fake kernels of one backend's op pair (its autograd lives elsewhere)."""
+    torch.library.register_fake(fwd_name)(_fake_fwd)
+    torch.library.register_fake(bwd_name)(_fake_bwd)
 
 
 def _differentiable_backward(query, key, value, grad_out, grad_lse, args):

@@ -206,14 +206,10 @@ _PLANS_MAX = 1024
 def _plan_key(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation):
     if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
         return None  # tensor subclasses (fake, functional) are validated every time
-    try:
-        k = (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
-             value.device, _sig(kernel_size), _sig(causal), border, _sig(scale), backend, _sig(stride),
-             _sig(dilation), os.environ.get(ENV_VAR))
-        hash(k)
-    except TypeError:
-        return None
-    return k
+    # hashed once, by the lookup in _attend (an unhashable argument raises TypeError there)
+    return (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
+            value.device, _sig(kernel_size), _sig(causal), border, _sig(scale), backend, _sig(stride),
+            _sig(dilation), os.environ.get(ENV_VAR))
 
 
 def _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
@@ -222,7 +218,10 @@ def _attend(query, key, value, kernel_size, causal, border, scale, backend, stri
     plain = slab is None and additional_keys is None and additional_values is None
     pkey = _plan_key(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation) \
         if plain and not torch.compiler.is_compiling() else None
-    plan = _PLANS.get(pkey) if pkey is not None else None
+    try:
+        plan = _PLANS.get(pkey) if pkey is not None else None
+    except TypeError:  # an unhashable argument (e.g. a list inside a list): validated every time
+        pkey = plan = None
     if plan is not None:
         spec, dil, scale, module = plan
         extra = False
@@ -242,7 +241,10 @@ def _attend(query, key, value, kernel_size, causal, border, scale, backend, stri
     if query.numel() == 0:
         return _empty_result(query, key, value, additional_keys, additional_values)
     if dil == (1, 1, 1):
-        out, lse = _run(module, query, key, value, spec, scale, autocast_dev)
+        if autocast_dev is None:  # the common case, without _run's indirection (host path)
+            out, lse = module.forward(query, key, value, spec, scale)
+        else:
+            out, lse = _run(module, query, key, value, spec, scale, autocast_dev)
     else:
         out, lse = _dilated(module, query, key, value, spec, dil, kernel_size, causal, border, stride, scale,
                             autocast_dev)
@@ -419,7 +421,8 @@ def _public_call(query, key, value, kernel_size, causal, border, scale, return_l
                  additional_keys, additional_values, slab):
     """The shared body of the public grid-layout functions: autocast, then :func:`_attend`."""
     query, key, value, autocast_dev = _autocast(query, key, value)
-    additional_keys, additional_values = _autocast_extra(autocast_dev, additional_keys, additional_values)
+    if autocast_dev is not None:
+        additional_keys, additional_values = _autocast_extra(autocast_dev, additional_keys, additional_values)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
     out, lse = _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,

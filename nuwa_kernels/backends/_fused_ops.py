@@ -1,9 +1,10 @@
 """The fused C++ op pair ``nuwa_kernels::na3d_fwd`` / ``na3d_bwd``, shared by the cpu and cuda backends.
 
 The ops are declared in ``csrc/ops.cpp`` and implemented per dispatch key (CPU in ``csrc/cpu/``, CUDA in
-``csrc/cuda/``). Their fake kernels and autograd formula come from :mod:`nuwa_kernels._ops` and are
-registered here, once, when this module is first imported and the extension loaded; both backends import
-this module, so neither registers twice.
+``csrc/cuda/``); their autograd is C++ too (``csrc/autograd.cpp``). Registered here, once, when this module
+is first imported and the extension loaded (both backends import it, so neither registers twice): the
+fake kernels (:mod:`nuwa_kernels._ops`, and ``na3d_delta``'s) and the Python kernel of
+``na3d_bwd_recompute``, the differentiable backward the C++ autograd calls under ``create_graph=True``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from .. import _extension, _ops
 
 FWD_NAME = "nuwa_kernels::na3d_fwd"
 BWD_NAME = "nuwa_kernels::na3d_bwd"
+DELTA_NAME = "nuwa_kernels::na3d_delta"
+RECOMPUTE_NAME = "nuwa_kernels::na3d_bwd_recompute"
 
 _registered = False
 
@@ -32,11 +35,14 @@ def ensure_registered() -> bool:
     if not _extension.loaded():
         return False
     if not _registered:
-        _ops.register_fake_and_autograd(FWD_NAME, BWD_NAME)
+        # autograd: C++ (csrc/autograd.cpp); its double-backward path calls na3d_bwd_recompute
+        _ops.register_fakes(FWD_NAME, BWD_NAME)
+        torch.library.register_fake(DELTA_NAME)(_fake_delta)
+        torch.library.impl(RECOMPUTE_NAME, "CompositeImplicitAutograd")(_recompute)
         # built here, at import, not on first use: torch.compile guards on the module global, and a pair
-        # created inside the first compiled call would make the next call recompile
-        # eager calls take the C++ functions behind the OpOverloads (no OpOverload.__call__ on the host path)
-        _PAIR = _ops.OpPair(fwd_op(), bwd_op(), fwd_op()._op, bwd_op()._op, delta)
+        # created inside the first compiled call would make the next call recompile. Eager calls take
+        # the C++ functions behind the OpOverloads (no OpOverload.__call__ on the host path).
+        _PAIR = _ops.OpPair(fwd_op(), bwd_op(), fwd_op()._op, bwd_op()._op, delta, native_autograd=True)
         _registered = True
     return True
 
@@ -67,9 +73,20 @@ def pair() -> "_ops.OpPair":
     return _PAIR
 
 
+def _recompute(query, key, value, grad_out, grad_lse, *window_args_and_scale):
+    """``(dq, dk, dv)`` as differentiable functions of the inputs and the incoming gradients (the C++
+    autograd's backward under ``create_graph=True``): the reference's recomputation, differentiated."""
+    grads = _ops._differentiable_backward(query, key, value, grad_out, grad_lse, window_args_and_scale)
+    return tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, (query, key, value)))
+
+
+def _fake_delta(grad_out, out, grad_lse=None):
+    return out.new_empty(out.shape[:-1], dtype=_ops.accum_dtype(out.dtype))
+
+
 def delta(grad_out, out, grad_lse=None):
     """``rowsum(dO * O) - dLSE`` through ``nuwa_kernels::na3d_delta`` (one fused pass on CPU; float32, or
-    float64 for float64 inputs), the eager backward's ``delta``."""
+    float64 for float64 inputs): the backward's ``delta``, eager and compiled alike."""
     return torch.ops.nuwa_kernels.na3d_delta.default(grad_out, out, grad_lse)
 
 
