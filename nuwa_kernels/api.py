@@ -207,9 +207,13 @@ def _plan_key(query, key, value, kernel_size, causal, border, scale, backend, st
     if not (type(query) is Tensor and type(key) is Tensor and type(value) is Tensor):
         return None  # tensor subclasses (fake, functional) are validated every time
     # hashed once, by the lookup in _attend (an unhashable argument raises TypeError there)
+    # plain ints, bools and None stand for themselves (no _sig call on the common arguments); any other
+    # value goes through _sig, whose tuples never equal them
     return (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
-            value.device, _sig(kernel_size), _sig(causal), border, _sig(scale), backend, _sig(stride),
-            _sig(dilation), os.environ.get(ENV_VAR))
+            value.device, kernel_size if type(kernel_size) is int else _sig(kernel_size),
+            causal if type(causal) is bool else _sig(causal), border, scale if scale is None else _sig(scale),
+            backend, stride if type(stride) is int else _sig(stride),
+            dilation if type(dilation) is int else _sig(dilation), os.environ.get(ENV_VAR))
 
 
 def _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
