@@ -17,7 +17,10 @@ and HunyuanVideo's 30x48x80 grid with its (18, 24, 24) window. ``--budget-s`` bo
 cases that would start after it are listed as not run.
 
 Usage: python benchmarks/gpu_profile.py [--sets nuwa,large,hunyuan] [--providers triton,cuda,flash,cudnn]
-       [--budget-s 240] [--json FILE]
+       [--budget-s 240] [--blocks 32x32,...] [--candidates] [--json FILE]
+
+``--candidates`` adds one triton row per ``backends.triton.config.CANDIDATES`` entry (wider large-window
+tiles with their warps and stages) on the HunyuanVideo cases: the sweep the next GPU session runs.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from benchmarks import measure  # noqa: E402
 from benchmarks.cases import FRAME_CAUSAL, HUNYUAN, LARGE, VIDEO, Case, attention_flops  # noqa: E402
 from benchmarks.providers import FullSDPA, Nearby, Provider  # noqa: E402
 from benchmarks.runner import _rel_err, gpu_input_sets, make_inputs  # noqa: E402
-from nuwa_kernels.backends.triton.plan import BlockConfig, override_config  # noqa: E402
+from nuwa_kernels.backends.triton.config import CANDIDATES  # noqa: E402
+from nuwa_kernels.backends.triton.plan import BlockConfig, override_config, override_launch  # noqa: E402
 
 DEVICE = "cuda"
 REFERENCE_PROVIDER = "nearby-cuda"  # the rows' outputs are compared with this one's
@@ -71,22 +75,30 @@ def profile_sets() -> Dict[str, List[Case]]:
 
 
 class TritonBlocks(Nearby):
-    """The triton backend with its query-brick / key-tile sizes forced (``override_config``); warps and
-    stages stay the config table's."""
+    """The triton backend with its query-brick / key-tile sizes forced (``override_config``), and with a
+    candidate's warps and stages too (``override_launch``; else the config table's)."""
 
-    def __init__(self, block_m: int, block_n: int):
+    def __init__(self, block_m: int = 0, block_n: int = 0, candidate: Optional[str] = None):
         super().__init__("triton")
-        self.block = BlockConfig(block_m, block_n)
-        self.name = f"nearby-triton-m{block_m}n{block_n}"
+        self.launch = {}
+        if candidate is not None:
+            cfg = CANDIDATES[candidate]
+            self.block = cfg.block
+            self.launch = {"fwd": cfg.fwd, "dq": cfg.dq, "dkdv": cfg.dkdv}
+            self.name = f"nearby-triton-{candidate}"
+        else:
+            self.block = BlockConfig(block_m, block_n)
+            self.name = f"nearby-triton-m{block_m}n{block_n}"
 
     def run(self, q, k, v):
-        with override_config(self.block):
+        with override_config(self.block), override_launch(**self.launch):
             return super().run(q, k, v)
 
 
-def make_providers(names: List[str], case: Case, blocks: List[tuple] = ()) -> List[Provider]:
+def make_providers(names: List[str], case: Case, blocks: List[tuple] = (), candidates: List[str] = ()) -> List[Provider]:
     """``triton``/``cuda`` (nearby attention, the case's border), ``flash``/``cudnn`` (full SDPA), then
-    one triton row per forced ``(block_m, block_n)`` in ``blocks``."""
+    one triton row per forced ``(block_m, block_n)`` in ``blocks`` and per ``config.CANDIDATES`` name in
+    ``candidates``."""
     out: List[Provider] = []
     for n in names:
         if n in ("triton", "cuda", "cpu", "reference"):
@@ -96,6 +108,7 @@ def make_providers(names: List[str], case: Case, blocks: List[tuple] = ()) -> Li
         else:
             raise ValueError(f"--providers: unknown provider {n!r} (triton, cuda, cpu, reference, flash, cudnn)")
     out += [TritonBlocks(bm, bn) for bm, bn in blocks]
+    out += [TritonBlocks(candidate=c) for c in candidates]
     skip = SKIP.get((case.label, case.backward), set())
     return [p for p in out if p.name not in skip]
 
@@ -164,6 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--profile-iters", type=int, default=3)
     ap.add_argument("--blocks", default="", help="extra triton rows with forced tiles, e.g. 32x32,64x32")
     ap.add_argument("--blocks-sets", default="nuwa,large", help="the sets that get the --blocks rows")
+    ap.add_argument("--candidates", action="store_true",
+                    help="extra triton rows: every config.CANDIDATES entry (large-window tiles) on --candidates-sets")
+    ap.add_argument("--candidates-sets", default="hunyuan")
     ap.add_argument("--json", default=None, help="write every row (and the environment) here")
     args = ap.parse_args(argv)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -177,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = [(s, c) for s in args.sets.split(",") for c in sets[s]]
     blocks = [tuple(int(x) for x in b.split("x")) for b in args.blocks.split(",") if b]
     block_sets = set(args.blocks_sets.split(","))
+    cand_sets = set(args.candidates_sets.split(",")) if args.candidates else set()
     start = time.perf_counter()
     rows: List[Dict] = []
     print(f"{'case':58s} {'provider':22s} {'wall ms':>9s} {'kernel ms':>9s} {'host ms':>8s} "
@@ -189,7 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         inputs = make_inputs(case, DEVICE, seed=0, sets=gpu_input_sets(case))
         case_rows = []
-        for p in make_providers(names, case, blocks if set_name in block_sets else ()):
+        for p in make_providers(names, case, blocks if set_name in block_sets else (),
+                                list(CANDIDATES) if set_name in cand_sets else ()):
             try:
                 row = run_row(p, case, inputs, args.profile_iters)
             except Exception as e:  # noqa: BLE001  (a row's failure is reported, the run goes on)

@@ -12,7 +12,9 @@
 #   tests        NUWA_REQUIRE_BACKENDS=cuda,triton pytest on the GPU-focused test files (junit XML;
 #                pytest-xdist workers when it is installed)
 #   host-overhead  python benchmarks/host_overhead.py (when present)
-#   gpu-profile  python benchmarks/gpu_profile.py: wall vs kernel time, HunyuanVideo's grid first
+#   gpu-profile-large  python benchmarks/gpu_profile.py on HunyuanVideo's grid: triton (table tiles and
+#                the config.CANDIDATES tiles) against cuDNN, wall vs kernel time
+#   gpu-profile  the same on the 16x32x32 and NÜWA grids, triton / cuda / cuDNN / flash
 #   bench-tiny   python -m benchmarks.run --tiny --device cuda
 #   bench-quick  python -m benchmarks.run --quick --device cuda, with whatever time is left (the whole
 #                quick set needs more than the default budget on an H200: FlexAttention compiles)
@@ -155,9 +157,11 @@ has_module matplotlib || PLOTS=(--no-plots)
 if [[ -f benchmarks/host_overhead.py ]]; then
   step host-overhead 60 "$PY" benchmarks/host_overhead.py --json "$OUTDIR/host_overhead.json"
 fi
-# wall vs kernel time on the large grids first (HunyuanVideo's 115,200 tokens), the question a GPU answers
-step gpu-profile 170 "$PY" benchmarks/gpu_profile.py --sets hunyuan,large,nuwa --budget-s 120 \
-  --json "$OUTDIR/gpu_profile.json"
+# wall vs kernel time on the large grids first (HunyuanVideo's 115,200 tokens), the question a GPU answers,
+# with the untimed large-window tile candidates (config.CANDIDATES) beside the table's tiles and cuDNN
+step gpu-profile-large 200 "$PY" benchmarks/gpu_profile.py --sets hunyuan --providers triton,cudnn --candidates \
+  --budget-s 150 --json "$OUTDIR/gpu_profile_hunyuan.json"
+step gpu-profile 120 "$PY" benchmarks/gpu_profile.py --sets large,nuwa --budget-s 80 --json "$OUTDIR/gpu_profile.json"
 step bench-tiny 90 "$PY" -m benchmarks.run --tiny --device cuda --out "$OUTDIR/bench" "${PLOTS[@]}"
 step bench-quick 600 "$PY" -m benchmarks.run --quick --device cuda --out "$OUTDIR/bench" "${PLOTS[@]}"
 

@@ -294,8 +294,11 @@ def test_gpu_profile_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gp, "kernel_time", lambda step, iters: {"kernel_ms": 0.2, "kernels": []})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     out = tmp_path / "profile.json"
-    assert gp.main(["--sets", "nuwa", "--providers", "cpu,reference", "--json", str(out)]) == 0
+    assert gp.main(["--sets", "nuwa", "--providers", "cpu,reference", "--candidates", "--candidates-sets", "nuwa",
+                    "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
+    cand = [r for r in rows if r["provider"].startswith("nearby-triton-large-")]
+    assert len(cand) == len(gp.CANDIDATES) and all(r["status"] in ("ok", "skipped") for r in cand)
     cpu_row = next(r for r in rows if r["provider"] == "nearby-cpu")
     assert cpu_row["status"] == "ok" and cpu_row["rel_err_vs_cuda"] < 1e-5
     assert cpu_row["host_ms"] == pytest.approx(0.3)

@@ -17,6 +17,7 @@ from nuwa_kernels.window import make_window_spec  # noqa: E402
 from nuwa_kernels.backends import triton as tb  # noqa: E402
 from nuwa_kernels.backends.triton import plan as tplan  # noqa: E402
 from nuwa_kernels.backends.triton._common import INTERPRET, dot_precision  # noqa: E402
+from nuwa_kernels.backends.triton.config import CANDIDATES  # noqa: E402
 from nuwa_kernels.backends.triton.stats import tile_stats  # noqa: E402
 
 from oracle import TOLERANCE, oracle_attention, oracle_mask, random_grid_inputs, rel_err  # noqa: E402
@@ -608,3 +609,28 @@ def test_can_run_refuses_batch_heads_beyond_grid_limit():
     q = torch.zeros(1, 1, 1, 1, 1, 16, device=DEVICE).expand(65536, 1, 1, 1, 2, 16)  # no memory: stride 0
     ok, why = tb.can_run(q, q, q, make_window_spec((1, 1, 1), (1, 1, 1)))
     assert not ok and "65535" in why
+
+
+def test_override_launch_reaches_the_launch():
+    """``plan.override_launch`` forces (warps, stages) per kernel, keyed into the call cache, and only
+    inside its block; unknown kernels are refused."""
+    q = torch.zeros(1, 2, 3, 4, 2, 16, device=DEVICE)
+    args = ([3, 3, 3], [False, False, False], False, False, [1, 1, 1], [])
+    _, launch = tb._plan_for(q, q, args)
+    with tplan.override_launch(dq=(8, 3)):
+        _, forced = tb._plan_for(q, q, args)
+    assert forced["dq"] == (8, 3) and forced["fwd"] == launch["fwd"] and forced["dkdv"] == launch["dkdv"]
+    assert tb._plan_for(q, q, args)[1] == launch
+    with pytest.raises(ValueError, match="bwd"):
+        with tplan.override_launch(bwd=(1, 1)):
+            pass
+
+
+@pytest.mark.parametrize("name", sorted(CANDIDATES))
+def test_large_window_candidates_are_correct(name):
+    """Every untimed large-window candidate tiling (config.CANDIDATES, what the next GPU run sweeps)
+    computes the op: forward and gradients against the oracle, a window larger than its tiles."""
+    cfg = CANDIDATES[name]
+    with tplan.override_launch(fwd=cfg.fwd, dq=cfg.dq, dkdv=cfg.dkdv):
+        run_case((3, 8, 12), (3, 8, 12), (3, 5, 7), (True, False, False), "truncate", dtype=torch.float32,
+                 B=1, heads=2, heads_kv=1, D=16, config=cfg.block)

@@ -82,12 +82,14 @@ def _plan_for(query, key, window_args):
     ``launch`` maps ``"fwd"``/``"dq"``/``"dkdv"`` to ``(num_warps, num_stages)`` from the config table
     (:mod:`.config`); under the interpreter the blocks are as large as the grids allow.
     """
-    from .plan import current_override, get_plan, interpreter_config
+    from .plan import current_launch_override, current_override, get_plan, interpreter_config
 
     override = current_override()
+    launch_override = current_launch_override()
     kernel_size, causal_axes, raster, shift, stride, slab = window_args
     ckey = (tuple(query.shape[1:4]), tuple(key.shape[1:4]), tuple(kernel_size), tuple(causal_axes), bool(raster),
-            bool(shift), tuple(stride), tuple(slab), query.shape[-1], query.dtype, query.device, override)
+            bool(shift), tuple(stride), tuple(slab), query.shape[-1], query.dtype, query.device, override,
+            launch_override)
     hit = _CALLS.get(ckey)
     if hit is not None:
         return hit
@@ -103,6 +105,8 @@ def _plan_for(query, key, window_args):
         launch = {"fwd": (4, 1), "dq": (4, 1), "dkdv": (4, 1)}
     else:
         block = entry.block
+    if launch_override is not None:
+        launch.update(dict(launch_override))
     hit = _CALLS[ckey] = (get_plan(spec, block), launch)
     return hit
 

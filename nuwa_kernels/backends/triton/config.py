@@ -59,6 +59,7 @@ __all__ = [
     "config_for",
     "all_configs",
     "autotune_requested",
+    "CANDIDATES",
 ]
 
 SMALL_WINDOW_KEYS = 512
@@ -142,6 +143,26 @@ def _build_table() -> Dict[Tuple[int, int, str, str], LaunchConfig]:
 
 
 TABLE: Dict[Tuple[int, int, str, str], LaunchConfig] = _build_table()
+
+
+def _candidates() -> Dict[str, LaunchConfig]:
+    cands = [
+        _cfg("large", 64, 64, (8, 3), (8, 3), (8, 3), "wgmma", bwd_tile=16),
+        _cfg("large", 128, 32, (8, 3), (8, 3), (8, 3), "wgmma", bwd_tile=16),
+        _cfg("large", 128, 64, (8, 2), (8, 2), (8, 2), "wgmma", bwd_tile=16),
+        _cfg("large", 64, 128, (8, 2), (8, 2), (8, 2), "wgmma", bwd_tile=16),
+    ]
+    return {c.name: c for c in cands}
+
+
+# Large-window alternatives for sm_90 half precision that the table does not use yet. On an H200 the
+# table's 64x32 tiles reached about a tenth of the tensor-core rate on HunyuanVideo's 18x24x24 window
+# (benchmarks/results/h200/); these wider tiles (more work per wgmma and per loaded key tile, two
+# warpgroups where M = 128) are what the next GPU session times: `scripts/triton_aot_check.py
+# --candidates` compiles them (registers, spills, wgmma), `benchmarks/gpu_profile.py --candidates` times
+# them (`plan.override_config` + `plan.override_launch`). A winner that stays spill-free and keeps the
+# tile ratio under 1.5 replaces the table's entry.
+CANDIDATES: Dict[str, LaunchConfig] = _candidates()
 
 
 def arch_key(device: Optional[torch.device] = None) -> int:

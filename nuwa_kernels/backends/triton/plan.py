@@ -164,6 +164,26 @@ def current_override() -> Optional[BlockConfig]:
     return getattr(_override, "config", None)
 
 
+@contextlib.contextmanager
+def override_launch(**kernels: Tuple[int, int]) -> Iterator[None]:
+    """Force ``(num_warps, num_stages)`` per kernel (``fwd=``, ``dq=``, ``dkdv=``) for launches on this
+    thread (tuning: ``benchmarks/gpu_profile.py --candidates``); kernels not named keep the table's."""
+    bad = set(kernels) - {"fwd", "dq", "dkdv"}
+    if bad:
+        raise ValueError(f"override_launch: unknown kernels {sorted(bad)} (fwd, dq, dkdv)")
+    old = getattr(_override, "launch", None)
+    _override.launch = tuple(sorted(kernels.items())) or None
+    try:
+        yield
+    finally:
+        _override.launch = old
+
+
+def current_launch_override() -> Optional[tuple]:
+    """``((kernel, (warps, stages)), ...)`` forced by :func:`override_launch`, or ``None``."""
+    return getattr(_override, "launch", None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Per-axis tables
 # ----------------------------------------------------------------------------------------------
