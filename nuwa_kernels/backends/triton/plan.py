@@ -150,33 +150,33 @@ _override = threading.local()
 
 
 @contextlib.contextmanager
-def override_config(config: Optional[BlockConfig]) -> Iterator[None]:
-    """Force a :class:`BlockConfig` for launches on this thread (tests and tuning)."""
-    old = getattr(_override, "config", None)
-    _override.config = config
+def _thread_override(name: str, value) -> Iterator[None]:
+    """Set ``_override.<name>`` on this thread for the ``with`` block, then restore it."""
+    old = getattr(_override, name, None)
+    setattr(_override, name, value)
     try:
         yield
     finally:
-        _override.config = old
+        setattr(_override, name, old)
+
+
+def override_config(config: Optional[BlockConfig]):
+    """Force a :class:`BlockConfig` for launches on this thread (tests and tuning); a context manager."""
+    return _thread_override("config", config)
 
 
 def current_override() -> Optional[BlockConfig]:
     return getattr(_override, "config", None)
 
 
-@contextlib.contextmanager
-def override_launch(**kernels: Tuple[int, int]) -> Iterator[None]:
+def override_launch(**kernels: Tuple[int, int]):
     """Force ``(num_warps, num_stages)`` per kernel (``fwd=``, ``dq=``, ``dkdv=``) for launches on this
-    thread (tuning: ``benchmarks/gpu_profile.py --candidates``); kernels not named keep the table's."""
+    thread (tuning: ``benchmarks/gpu_profile.py --candidates``); kernels not named keep the table's. A
+    context manager."""
     bad = set(kernels) - {"fwd", "dq", "dkdv"}
     if bad:
         raise ValueError(f"override_launch: unknown kernels {sorted(bad)} (fwd, dq, dkdv)")
-    old = getattr(_override, "launch", None)
-    _override.launch = tuple(sorted(kernels.items())) or None
-    try:
-        yield
-    finally:
-        _override.launch = old
+    return _thread_override("launch", tuple(sorted(kernels.items())) or None)
 
 
 def current_launch_override() -> Optional[tuple]:
