@@ -160,7 +160,7 @@ def run_row(p: Provider, case: Case, inputs, profile_iters: int) -> Dict:
     row["first_call_s"] = round(time.perf_counter() - t0, 2)
     leaves = [t for a in args for t in a if t.requires_grad]
     row.update(measure.time_cuda(step, budget_ms=300.0, grad_to_none=leaves or None))
-    row.update(kernel_time(step, profile_iters))
+    row.update(kernel_time(step, 1 if row["median_ms"] > 50 else profile_iters))  # slow rows: one profiled call
     row["host_ms"] = max(0.0, row["median_ms"] - row["kernel_ms"])
     with torch.no_grad():
         row["out"] = p.to_grid(p.run(*[t.detach() for t in args[0]]), case).float()
@@ -216,6 +216,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             finally:
                 p.release()
             case_rows.append(row)
+            if row.get("status") == "ok":  # progress, in case a time limit stops the run mid-case
+                print(f"  {label} {p.name}: {row['median_ms']:.3f} ms (kernels {row['kernel_ms']:.3f} ms)", flush=True)
         ref = next((r["out"] for r in case_rows if r.get("provider") == REFERENCE_PROVIDER and "out" in r), None)
         for r in case_rows:
             out = r.pop("out", None)
@@ -235,11 +237,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         del inputs
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+        if args.json:  # after every case: a run stopped by a time limit keeps what it measured
+            _write_json(args.json, rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": measure.environment(DEVICE, os.getcwd()), "rows": rows}, f, indent=1,
-                      default=str)
+        _write_json(args.json, rows)
     return 0
+
+
+def _write_json(path: str, rows: List[Dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": measure.environment(DEVICE, os.getcwd()), "rows": rows}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":
