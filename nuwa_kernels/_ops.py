@@ -80,7 +80,7 @@ class OpPair:
     native_autograd: bool = False
 
 
-def register_fake_and_autograd(fwd_name: str, bwd_name: str, delta: Callable = eager_delta) -> None:
+def register_fake_and_autograd(fwd_name: str, bwd_name: str) -> None:
     """Register the shared fake kernels and the autograd formula for one backend's op pair.
 
     The backward is FlashAttention-style: ``delta = rowsum(dO * O) - dLSE`` is formed here (so a loss
@@ -104,10 +104,9 @@ def register_fake_and_autograd(fwd_name: str, bwd_name: str, delta: Callable = e
         ctx.args = tuple(list(a) if isinstance(a, (list, tuple)) else a for a in inputs[3:])
 
     def backward(ctx, grad_out, grad_lse):
-        # The registered autograd is what torch.compile traces (fake tensors); ``delta`` must be
-        # traceable there (PyTorch ops, or an op with a fake kernel) and is the one eager calls use, so
-        # compiled and eager gradients are bitwise equal.
-        return _backward(bwd_op, delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse) + (None,) * len(ctx.args)
+        # The registered autograd is what torch.compile traces (fake tensors): delta from traceable
+        # PyTorch ops here; eager calls take _EagerCall and the backend's fused delta.
+        return _backward(bwd_op, eager_delta, ctx.saved_tensors, ctx.args, grad_out, grad_lse) + (None,) * len(ctx.args)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 

@@ -573,37 +573,25 @@ def nearby_attention_cp(
         out, lse = _slab_attention(query, key, value, origin(plan.own[0]), origin(plan.own[0]), grid, **kw)
         return (out, lse) if return_lse else out
 
+    def attend_rows(lo, hi, k, v, k_lo):
+        """``(lo, hi, out, lse)`` of the local query rows ``[lo, hi]`` (global coordinates) against keys
+        ``k``/``v`` that start at global coordinate ``k_lo``."""
+        q = _narrow(query, axis, lo - plan.own[0], hi - lo + 1)
+        o, l = _slab_attention(q, k, v, origin(lo), origin(k_lo), grid, **kw)
+        return lo, hi, o, l
+
     pending, bufs = _start_halo(key, value, plan, axis, group)
     parts_q = []  # (q_lo, q_hi, out, lse) in coordinate order
     inner = _interior(grid, axis, plan.own, wargs) if overlap and plan.recv else None
-    if inner is not None:
-        a, b = inner
-        o, l = _slab_attention(
-            _narrow(query, axis, a - plan.own[0], b - a + 1),
-            key,
-            value,
-            origin(a),
-            origin(plan.own[0]),
-            grid,
-            **kw,
-        )
-        parts_q.append((a, b, o, l))
+    if inner is not None:  # rows that need no halo: computed while the halo is in flight
+        parts_q.append(attend_rows(inner[0], inner[1], key, value, plan.own[0]))
     k_slab, v_slab = _HaloSlab.apply(key, value, plan, axis, group, pending, bufs)
     if inner is None:
         todo = [plan.own]
     else:
         todo = [(lo, hi) for lo, hi in ((plan.own[0], inner[0] - 1), (inner[1] + 1, plan.own[1])) if lo <= hi]
     for lo, hi in todo:
-        o, l = _slab_attention(
-            _narrow(query, axis, lo - plan.own[0], hi - lo + 1),
-            k_slab,
-            v_slab,
-            origin(lo),
-            origin(plan.slab[0]),
-            grid,
-            **kw,
-        )
-        parts_q.append((lo, hi, o, l))
+        parts_q.append(attend_rows(lo, hi, k_slab, v_slab, plan.slab[0]))
     parts_q.sort(key=lambda p: p[0])
     if len(parts_q) == 1:
         out, lse = parts_q[0][2], parts_q[0][3]
