@@ -29,8 +29,8 @@ def load_error() -> Optional[str]:
 
 
 def ensure_registered() -> bool:
-    """Register the fused pair's fake kernels and autograd once, and build its :class:`~nuwa_kernels._ops.OpPair`;
-    ``False`` without the extension."""
+    """Register the fused ops' fake kernels and the Python kernel of ``na3d_bwd_recompute`` once (their
+    autograd is C++), and build the :class:`~nuwa_kernels._ops.OpPair`; ``False`` without the extension."""
     global _registered, _PAIR
     if not _extension.loaded():
         return False
