@@ -7,6 +7,9 @@ all four dtypes and strided inputs; plus gradcheck, opcheck, torch.compile and d
 
 from __future__ import annotations
 
+import platform
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -483,3 +486,14 @@ def test_fused_delta_matches_the_formula(dtype, layout):
         assert got.dtype == _ops.accum_dtype(dtype) and got.shape == out.shape[:-1]
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         assert rel_err(got, expect) < tol
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None,
+                    reason="reads x86 machine code with objdump")
+def test_compiled_kernels_keep_their_prefetches():
+    """The built extension holds the kernels' software prefetches (GCC 12 once deleted them silently)."""
+    import nuwa_kernels._C as ext
+
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    assert asm.count("prefetcht1") >= 8, "no software prefetch left in the CPU kernels"
