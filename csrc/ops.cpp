@@ -28,6 +28,7 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/block_pool.h"
 #include "window.h"
 
 extern "C" {
@@ -120,7 +121,7 @@ at::Tensor na3d_delta(const at::Tensor& grad_out, const at::Tensor& out, const s
     auto shape = o.sizes().vec();
     const int64_t dim = shape.back();
     shape.pop_back();
-    delta = at::empty(shape, out.options().dtype(acc));
+    delta = cpu::pooled_empty(shape, out.options().dtype(acc));
     const int64_t rows = delta.numel();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "na3d_delta", [&] {
       if (acc == at::kDouble) {
@@ -162,6 +163,9 @@ TORCH_LIBRARY(nuwa_kernels, m) {
       "window_table(int q_len, int k_len, int k, bool causal, bool shift, int stride=1, int[] slab=[]) -> "
       "(Tensor window, Tensor inverse)",
         &nuwa::window_table);
+  // The CPU kernels' block pool (csrc/cpu/block_pool.h): frees its cached blocks / reads their bytes.
+  m.def("empty_cpu_pool() -> int", &nuwa::cpu::empty_cpu_pool);
+  m.def("cpu_pool_cached_bytes() -> int", &nuwa::cpu::cpu_pool_cached_bytes);
 }
 
 TORCH_LIBRARY_IMPL(nuwa_kernels, CompositeExplicitAutograd, m) { m.impl("na3d_delta", &nuwa::na3d_delta); }

@@ -7,9 +7,11 @@ all four dtypes and strided inputs; plus gradcheck, opcheck, torch.compile and d
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -404,6 +406,9 @@ LANE_CASES = [
     Case("lanes-image-133", (1, 17, 19), kernel_size=(1, 3, 3), heads=1, heads_kv=1, D=16, B=2),
     Case("lanes-kv-frames-differ", (6, 5, 7), (3, 5, 7), kernel_size=(3, 3, 5), heads=2, heads_kv=2, D=16, B=1),
     Case("lanes-w1-text", (40, 1, 1), kernel_size=(None, 1, 1), causal=True, heads=1, heads_kv=1, D=16, B=1),
+    # small windows with D=64: the key pass stores dS for the query pass (DsStore)
+    Case("lanes-ds-store-gqa", (4, 9, 11), heads=4, heads_kv=2, D=64, B=2),
+    Case("lanes-ds-store-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, heads=2, heads_kv=2, D=64, B=1),
 ]
 
 
@@ -425,7 +430,7 @@ def test_lane_kernels_forward_backward(case, dtype):
         assert rel_err(a, b) < TOLERANCE[dtype], name
 
 
-@pytest.mark.parametrize("case", [LANE_CASES[0], LANE_CASES[1]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [LANE_CASES[0], LANE_CASES[1], LANE_CASES[-2]], ids=lambda c: c.id)
 def test_lane_kernels_thread_count_invariant(case):
     """The lane kernels cut each head into more tasks with more threads (different block alignment):
     results stay bitwise identical."""
@@ -497,3 +502,34 @@ def test_compiled_kernels_keep_their_prefetches():
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
                          check=True).stdout
     assert asm.count("prefetcht1") >= 8, "no software prefetch left in the CPU kernels"
+
+
+def test_outputs_come_from_the_block_pool_and_behave_as_tensors():
+    """Freed outputs go back to the pool and the next call reuses them (no page faults); pooled tensors
+    resize, and the values are right whatever memory they land in."""
+    cpu.empty_cache()
+    case = Case("pool", (4, 16, 16), heads=4, D=64, B=1)  # 256 KiB outputs: pooled
+    q, k, v = case.inputs(torch.float32)
+    out, _ = run_cpu(case, q, k, v)
+    ptr, want = out.data_ptr(), out.clone()
+    del out
+    assert cpu.cached_bytes() >= 4 * 16 * 16 * 4 * 64 * 4
+    out2, _ = run_cpu(case, q, k, v)
+    assert out2.data_ptr() == ptr
+    assert torch.equal(out2, want)
+    out2.resize_(2, 1 << 20)  # a pooled storage grows like any other
+    out2.fill_(1.0)
+    assert float(out2.sum()) == 2 * (1 << 20)
+    del out2
+    assert cpu.empty_cache() > 0 and cpu.cached_bytes() == 0
+
+
+def test_block_pool_can_be_turned_off():
+    code = ("import torch, nuwa_kernels as nk\nfrom nuwa_kernels.backends import cpu\n"
+            "q = torch.randn(1, 4, 16, 16, 4, 64)\n"
+            "o = nk.nearby_attention(q, q, q, kernel_size=3, backend='cpu'); del o\n"
+            "print(cpu.cached_bytes())")
+    env = dict(os.environ, NUWA_CPU_POOL_MB="0")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "0"

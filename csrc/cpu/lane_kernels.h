@@ -307,11 +307,16 @@ struct EntryTable {
   std::vector<int64_t> shift, count;
   std::vector<uint32_t> mask;
 
+  // Whether the table of geometry g is built (small enough).
+  template <int L>
+  static bool fits(const LaneGeom& g) {
+    return (g.Nq + L - 1) / L * g.box_max <= (int64_t(1) << 21);
+  }
   template <int L, bool kKeySide = false>
   void build(const Problem& pr, const LaneGeom& g) {
     const int64_t nb = (g.Nq + L - 1) / L;
     stride = g.box_max;
-    if (nb * stride > (int64_t(1) << 21)) return;
+    if (!fits<L>(g)) return;
     shift.resize(nb * stride);
     mask.resize(nb * stride);
     count.resize(nb);
@@ -785,6 +790,68 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
 // Backward: a query pass (dQ) and a key pass (dK, dV), both in lanes
 // ------------------------------------------------------------------------------------------------
 
+// dS of every (query, key) pair of the call, written by the key pass and read by the query pass, which
+// then skips its recomputation of S and dP (two of its three products, the transposes of Q and dO and
+// the K^T / V^T rings): for small windows, the backward's products go from 7 to 5. Layout per (batch,
+// head): one row per relative offset (dt, dh, dw) of the key side's box (key -> query), over the keys
+// (flat key index + L, so that the masked lanes of border blocks stay inside the row): a key block's
+// entry is one contiguous vector store, a query block's entry (the opposite offset) one vector load.
+struct DsStore {
+  static constexpr int64_t kPad = 16;  // key 0 sits at this element of a row (>= L of float and double)
+  int64_t nt = 0, nh = 0, nw = 0;  // the key side's box extents
+  int64_t lo[3] = {0, 0, 0};        // its lowest offsets
+  int64_t H = 0, W = 0, ld = 0, rows = 0;
+
+  // Whether the call's offsets decompose uniquely from flat shifts (box narrower than the grid along H
+  // and W on both sides), and the store's elements when they do (0 otherwise).
+  template <int L>
+  static int64_t elems(const Problem& pr, const LaneGeom& gq, const LaneGeom& gk) {
+    for (const LaneGeom* g : {&gq, &gk})
+      if (g->rhi[1] - g->rlo[1] + 1 > g->H || g->rhi[2] - g->rlo[2] + 1 > g->W) return 0;
+    return pr.B * pr.heads * gk.box_max * (round_up(gk.Nq, L) + 2 * kPad);
+  }
+  template <int L>
+  void init(const Problem& pr, const LaneGeom& gk) {
+    nt = gk.rhi[0] - gk.rlo[0] + 1;
+    nh = gk.rhi[1] - gk.rlo[1] + 1;
+    nw = gk.rhi[2] - gk.rlo[2] + 1;
+    for (int a = 0; a < 3; ++a) lo[a] = gk.rlo[a];
+    H = gk.H;
+    W = gk.W;
+    ld = round_up(gk.Nq, L) + 2 * kPad;
+    rows = gk.box_max;
+  }
+  // (dt, dh, dw) of a flat shift s whose offsets lie in [rlo, rhi] of geometry g.
+  static void split(const LaneGeom& g, int64_t s, int64_t* d) {
+    const int64_t W_ = g.W, H_ = g.H;
+    d[2] = g.rlo[2] + (((s - g.rlo[2]) % W_) + W_) % W_;
+    const int64_t s2 = (s - d[2]) / W_;
+    d[1] = g.rlo[1] + (((s2 - g.rlo[1]) % H_) + H_) % H_;
+    d[0] = (s2 - d[1]) / H_;
+  }
+  // Row of offsets (dt, dh, dw) (key -> query).
+  int32_t row(const int64_t* d) const {
+    return static_cast<int32_t>(((d[0] - lo[0]) * nh + (d[1] - lo[1])) * nw + (d[2] - lo[2]));
+  }
+  // Element of key 0 in the rows of (b, head).
+  int64_t base(int64_t b, int64_t head, int64_t heads) const { return (b * heads + head) * rows * ld + kPad; }
+};
+
+// The DsStore row of every entry of a built table: the entry's offsets (key side: key -> query), or the
+// opposite ones (query side).
+inline std::vector<int32_t> ds_rows(const EntryTable& et, const LaneGeom& g, const DsStore& st, bool query_side) {
+  std::vector<int32_t> r(et.shift.size(), 0);
+  for (size_t bi = 0; bi < et.count.size(); ++bi)
+    for (int64_t e = 0; e < et.count[bi]; ++e) {
+      int64_t d[3];
+      DsStore::split(g, et.shift[bi * et.stride + e], d);
+      if (query_side)
+        for (int a = 0; a < 3; ++a) d[a] = -d[a];
+      r[bi * et.stride + e] = st.row(d);
+    }
+  return r;
+}
+
 // Chunks of blocks per (batch, kv head) for n blocks' worth of rows: enough tasks for the threads (results
 // do not depend on it: every output element is summed by one task in shift order).
 template <int L>
@@ -818,7 +885,8 @@ inline void transposed_block(A* dst, const HeadRows<S>& hr, bool direct, int64_t
 template <typename S, bool kUnit>
 void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                         const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
-                        S* dq) {
+                        S* dq, const acc_t<S>* ds_in = nullptr, const DsStore* ds = nullptr) {
+  // ds_in: the key pass's dS (DsStore ds), read instead of recomputed.
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
@@ -836,7 +904,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   EntryTable et;
   et.build<L>(pr, g);
-  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (2 * D + Dv);
+  const std::vector<int32_t> dsr = ds_in ? ds_rows(et, g, *ds, /*query_side=*/true) : std::vector<int32_t>();
+  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
@@ -866,14 +935,26 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     krow.init(kbuf + D * kr.ld + Dv * vr.ld, g, L, first_col, head_rows(k, ks, b, gh, D));
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
-      kr.advance(q0 + L + g.smax, tmp);
-      vr.advance(q0 + L + g.smax, tmp);
+      if (!ds_in) {
+        kr.advance(q0 + L + g.smax, tmp);
+        vr.advance(q0 + L + g.smax, tmp);
+      }
       krow.advance(q0 + L + g.smax);
       const int64_t* shift;
       const uint32_t* mask;
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       kr.slots(q0, shift, n, col);
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
+        if (ds_in) {  // dS from the key pass; masked lanes read other pairs' (or unwritten) slots: zeroed
+          const A* dsb = ds_in + ds->base(b, head, heads) + q0;
+          const int32_t* rr = dsr.data() + (q0 / L) * et.stride;
+          for (int64_t e = 0; e < n; ++e) {
+            const Vec<A> x = vld(dsb + rr[e] * ds->ld + shift[e]);
+            vst(Pb + e * L, lane_mask<A>(mask[e]) ? x : Vec<A>{});
+          }
+          lane_pv_rows(dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask, n, nv);
+          continue;
+        }
         const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
         // Prefetch the next head's (or block's) query and output-gradient rows.
         {
@@ -907,7 +988,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
 template <typename S, bool kUnit>
 void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                          const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
-                         S* dk, S* dv) {
+                         S* dk, S* dv, acc_t<S>* ds_out = nullptr, const DsStore* ds = nullptr) {
+  // ds_out: where to store every pair's dS (DsStore ds) for the query pass.
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr, /*key_side=*/true);  // Nq: keys (the blocks), Nk: queries (the rings)
@@ -927,6 +1009,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   EntryTable et;
   et.build<L, true>(pr, g);
+  const std::vector<int32_t> dsr = ds_out ? ds_rows(et, g, *ds, /*query_side=*/false) : std::vector<int32_t>();
   const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
@@ -1001,6 +1084,11 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
           const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
           vst(Sb + e * L, p);
           vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+        }
+        if (ds_out) {
+          A* dsb = ds_out + ds->base(b, gh * group + j, pr.heads) + k0;
+          const int32_t* rr = dsr.data() + (k0 / L) * et.stride;
+          for (int64_t e = 0; e < n; ++e) vst(dsb + rr[e] * ds->ld, vld(Pb + e * L));
         }
         // dV = P^T dO and dK = scale dS^T Q in the natural layout, from the rows of dO and Q; a group's
         // heads summed in order in dKs / dVs, the last head's sums stored into dK, dV.

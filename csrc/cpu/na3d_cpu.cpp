@@ -55,6 +55,7 @@
 #include <immintrin.h>
 #endif
 
+#include "block_pool.h"
 #include "window_args.h"
 
 // 64-byte vector types in internal functions: the ABI note GCC prints without AVX-512 does not apply.
@@ -479,12 +480,8 @@ struct CacheAligned {
   CacheAligned() = default;
   template <typename U>
   CacheAligned(const CacheAligned<U>&) {}
-  T* allocate(std::size_t n) {
-    void* p = nullptr;
-    if (posix_memalign(&p, 64, std::max<std::size_t>(n * sizeof(T), 64)) != 0) throw std::bad_alloc();
-    return static_cast<T*>(p);
-  }
-  void deallocate(T* p, std::size_t) { std::free(p); }
+  T* allocate(std::size_t n) { return static_cast<T*>(pool_alloc(n * sizeof(T))); }  // block_pool.h
+  void deallocate(T* p, std::size_t) { pool_free(p); }
   template <typename U>
   bool operator==(const CacheAligned<U>&) const { return true; }
   template <typename U>
@@ -979,6 +976,11 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
 
 #include "lane_kernels.h"
 
+// Largest dS store (lane_kernels.h's DsStore) the backward keeps between its key and query passes; it must
+// also hold at most 4x the query's elements (small windows: NÜWA's (3,3,3) on 10x21x21 takes 2x, (7,7,7)
+// would take 9x and recomputes instead).
+constexpr int64_t kDsStoreBytes = int64_t(256) << 20;
+
 // Whether the lane kernels may run (NUWA_CPU_LANES=0 turns them off: the row kernels then run every
 // problem; for comparisons and tests).
 inline bool lanes_enabled() {
@@ -1018,8 +1020,8 @@ std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const a
   check_inputs(query, key, value, kernel_size, causal_axes);
   TORCH_CHECK(query.device().is_cpu(), "na3d_fwd (CPU kernel): tensors must be on the CPU");
   const auto dtype = query.scalar_type();
-  at::Tensor out = at::empty(out_shape_of(query, value), query.options());
-  at::Tensor lse = at::empty(query.sizes().slice(0, 5), query.options().dtype(acc_type(dtype)));
+  at::Tensor out = pooled_empty(out_shape_of(query, value), query.options());
+  at::Tensor lse = pooled_empty(query.sizes().slice(0, 5), query.options().dtype(acc_type(dtype)));
   if (lse.numel() == 0) {  // no query (B = 0, an empty grid or no heads)
     out.zero_();
     return {out, lse};
@@ -1073,9 +1075,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
   const at::Tensor lse = lse_in.scalar_type() == acc ? lse_in : lse_in.to(acc);
   const at::Tensor delta = delta_in.scalar_type() == acc ? delta_in : delta_in.to(acc);
 
-  at::Tensor dq = at::empty(query.sizes(), query.options());
-  at::Tensor dk = at::empty(key.sizes(), key.options());
-  at::Tensor dv = at::empty(value.sizes(), value.options());
+  at::Tensor dq = pooled_empty(query.sizes(), query.options());
+  at::Tensor dk = pooled_empty(key.sizes(), key.options());
+  at::Tensor dv = pooled_empty(value.sizes(), value.options());
   if (lse.numel() == 0 || key.size(1) * key.size(2) * key.size(3) == 0) {  // no query, or no key
     dq.zero_();
     dk.zero_();
@@ -1098,6 +1100,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
     with_unit(unit, [&](auto u) {
       constexpr bool kUnit = decltype(u)::value;
       if (lanes) {
+        // Small windows: the key pass stores dS for the query pass (DsStore), when the store is small.
+        constexpr int L = kLanes<A>;
+        const LaneGeom gq = lane_geom(pr), gk = lane_geom(pr, /*key_side=*/true);
+        const int64_t ds_elems = DsStore::elems<L>(pr, gq, gk);
+        const bool small = ds_elems * int64_t(sizeof(A)) <= kDsStoreBytes && ds_elems <= 4 * query.numel();
+        if (ds_elems > 0 && small && EntryTable::fits<L>(gq) && EntryTable::fits<L>(gk)) {
+          DsStore st;
+          st.init<L>(pr, gk);
+          A* buf = static_cast<A*>(pool_alloc(ds_elems * sizeof(A)));
+          struct Free {
+            A* p;
+            ~Free() { pool_free(p); }
+          } free_buf{buf};
+          lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
+                                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), buf, &st);
+          lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
+                                              dq.data_ptr<scalar_t>(), buf, &st);
+          return;
+        }
         lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
                                             dq.data_ptr<scalar_t>());
         lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,

@@ -35,3 +35,23 @@ def forward(
     """``(out, lse)``: ``out (B, T, H, W, heads, Dv)`` in the input dtype, ``lse (B, T, H, W, heads)`` in
     the accumulation dtype; differentiable with respect to ``query``, ``key`` and ``value``."""
     return _ops.call(_fused_ops.pair(), query, key, value, *_ops.spec_op_args(spec), float(scale))
+
+
+def empty_cache() -> int:
+    """Frees the CPU kernels' cached memory blocks and returns their bytes (like ``torch.cuda.empty_cache``).
+
+    The fused CPU ops take their outputs and scratch of 256 KiB and more from a pool that keeps freed blocks
+    (``csrc/cpu/block_pool.h``), so that repeated calls reuse mapped memory instead of page-faulting fresh
+    pages in every call. The pool holds at most ``NUWA_CPU_POOL_MB`` megabytes (default 512, read at the
+    first call; ``0`` turns it off).
+    """
+    if _fused_ops.load_error() is not None:
+        return 0
+    return int(torch.ops.nuwa_kernels.empty_cpu_pool())
+
+
+def cached_bytes() -> int:
+    """Bytes of the free blocks the CPU kernels' pool holds (see :func:`empty_cache`)."""
+    if _fused_ops.load_error() is not None:
+        return 0
+    return int(torch.ops.nuwa_kernels.cpu_pool_cached_bytes())
