@@ -977,8 +977,8 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
 #include "lane_kernels.h"
 
 // Largest dS store (lane_kernels.h's DsStore) the backward keeps between its key and query passes; it must
-// also hold at most 4x the query's elements (small windows: NÜWA's (3,3,3) on 10x21x21 takes 2x, (7,7,7)
-// would take 9x and recomputes instead).
+// also hold at most 4x the query's elements (small windows: NÜWA's (3,3,3) on 10x21x21 with D=64 takes 2x,
+// (7,7,7) would take 34x and recomputes instead).
 constexpr int64_t kDsStoreBytes = int64_t(256) << 20;
 
 // Whether the lane kernels may run (NUWA_CPU_LANES=0 turns them off: the row kernels then run every
