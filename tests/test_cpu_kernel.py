@@ -533,3 +533,33 @@ def test_block_pool_can_be_turned_off():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[-1] == "0"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_block_pool_in_a_forked_child():
+    """Children forked while another thread churns through pooled blocks (DataLoader workers) allocate
+    and compute. The pool's lock is held for well under a microsecond per call, so a fork inside it is
+    rare here; pthread_atfork handlers in block_pool.cpp cover that case."""
+    code = """
+import os, threading, torch, nuwa_kernels as nk
+torch.set_num_threads(1)
+q = torch.randn(1, 4, 16, 16, 4, 64)
+stop = threading.Event()
+def churn():
+    while not stop.is_set():
+        o = nk.nearby_attention(q, q, q, kernel_size=3, backend='cpu'); del o
+t = threading.Thread(target=churn); t.start()
+codes = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        o = nk.nearby_attention(q, q, q, kernel_size=3, backend='cpu')
+        os._exit(0 if torch.isfinite(o).all() else 1)
+    codes.append(os.waitpid(pid, 0)[1])
+stop.set(); t.join()
+print(codes)
+assert all(c == 0 for c in codes)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stdout + res.stderr

@@ -10,6 +10,10 @@
 #include <new>
 #include <string>
 
+#ifndef _WIN32
+#include <pthread.h>
+#endif
+
 namespace nuwa {
 namespace cpu {
 namespace {
@@ -31,7 +35,14 @@ struct Pool {
 };
 
 Pool& pool() {
-  static Pool* p = new Pool();  // never destroyed: tensors may be freed during interpreter shutdown
+  static Pool* p = [] {
+    Pool* q = new Pool();  // never destroyed: tensors may be freed during interpreter shutdown
+#ifndef _WIN32
+    // fork() while another thread holds the lock would leave the child's pool locked forever
+    pthread_atfork([] { pool().m.lock(); }, [] { pool().m.unlock(); }, [] { pool().m.unlock(); });
+#endif
+    return q;
+  }();
   return *p;
 }
 
