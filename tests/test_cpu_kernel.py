@@ -456,17 +456,27 @@ def test_lane_kernels_thread_count_invariant(case):
 
 @pytest.mark.parametrize("layout", ["contiguous", "head-major-kv"])
 def test_lane_kernels_large_output(layout):
-    """An output beyond the caches (over 4 MiB: non-temporal stores on AVX-512 builds), value rows read
-    with other strides too: the same results as the oracle."""
+    """An output and gradients beyond the caches (over 4 MiB: non-temporal stores on AVX-512 builds),
+    value rows read with other strides too: the same results as the oracle."""
     case = Case("lanes-large", (5, 16, 16), heads=16, heads_kv=16, D=64, B=1)
     q, k, v = case.inputs(torch.float32)
     if layout == "head-major-kv":
         k, v = (x.permute(0, 4, 1, 2, 3, 5).contiguous().permute(0, 2, 3, 4, 1, 5) for x in (k, v))
     assert q.numel() * 4 > 4 << 20
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
     out, lse = run_cpu(case, q, k, v)
-    ref_out, ref_lse = run_oracle(case, q.double(), k.double(), v.double())
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = run_oracle(case, qd, kd, vd)
     assert rel_err(out, ref_out) < TOLERANCE[torch.float32]
     assert rel_err(lse, ref_lse) < TOLERANCE[torch.float32]
+    # dQ, dK, dV beyond the caches too (non-temporal stores in both backward passes)
+    g = torch.Generator().manual_seed(1)
+    g_out = torch.randn(ref_out.shape, dtype=torch.float64, generator=g)
+    g_lse = torch.randn(ref_lse.shape, dtype=torch.float64, generator=g)
+    got = _loss_grads(out, lse, (q, k, v), g_out, g_lse)
+    want = _loss_grads(ref_out, ref_lse, (qd, kd, vd), g_out, g_lse)
+    for name, a, b in zip("qkv", got, want):
+        assert rel_err(a, b) < TOLERANCE[torch.float32], name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

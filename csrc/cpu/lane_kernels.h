@@ -490,6 +490,14 @@ constexpr bool kStreamOK = true;
 constexpr bool kStreamOK = false;
 #endif
 
+// Whether rows of X elements written into `out` (rows in all) go out with non-temporal stores: outputs
+// beyond the caches, 64-byte aligned rows, AVX-512 builds, S the accumulation type.
+template <typename S, typename A>
+inline bool stream_rows(const S* out, double rows, int64_t X) {
+  return std::is_same<S, A>::value && kStreamOK && rows * X * sizeof(S) > double(kStreamBytes) &&
+         (reinterpret_cast<uintptr_t>(out) % 64) == 0 && (X * sizeof(S)) % 64 == 0;
+}
+
 // How many groups of L columns ahead the rings prefetch their input rows.
 #ifndef NUWA_PREFETCH_AHEAD
 #define NUWA_PREFETCH_AHEAD 4
@@ -679,6 +687,17 @@ inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* r
   }
 }
 
+// lane_pv_rows with non-temporal row stores when `stream` (stream_rows), regular ones otherwise.
+template <typename S, typename A>
+inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X,
+                       const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init = nullptr,
+                       int64_t irs = 0) {
+  if (stream)
+    lane_pv_rows<true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
+  else
+    lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
+}
+
 template <typename S, bool kUnit>
 void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
                      acc_t<S>* lse) {
@@ -701,10 +720,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t scratch = D * ring + RowRing<S, kUnit, A>::elems(g, L, Dv) + D * L + sbuf + L * X + 2 * L;
   EntryTable et;
   et.build<L>(pr, g);
-  // Large outputs (beyond the caches) are written with non-temporal stores; needs 64-byte aligned rows.
-  const bool stream_out = std::is_same<S, A>::value && kStreamOK &&
-                          double(pr.B) * heads * g.Nq * Dv * sizeof(S) > double(kStreamBytes) &&
-                          (reinterpret_cast<uintptr_t>(out) % 64) == 0 && (Dv * sizeof(S)) % 64 == 0;
+  const bool stream_out = stream_rows<S, A>(out, double(pr.B) * heads * g.Nq, Dv);
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
@@ -905,6 +921,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   EntryTable et;
   et.build<L>(pr, g);
   const std::vector<int32_t> dsr = ds_in ? ds_rows(et, g, *ds, /*query_side=*/true) : std::vector<int32_t>();
+  const bool stream_dq = stream_rows<S, A>(dq, double(pr.B) * heads * g.Nq, D);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
@@ -952,7 +969,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             const Vec<A> x = vld(dsb + rr[e] * ds->ld + shift[e]);
             vst(Pb + e * L, lane_mask<A>(mask[e]) ? x : Vec<A>{});
           }
-          lane_pv_rows(dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask, n, nv);
+          pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask,
+                     n, nv);
           continue;
         }
         const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
@@ -979,9 +997,13 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
           vst(Pb + e * L, p * (vld(Pb + e * L) - dv));
         }
         // dQ = scale dS K, in the natural layout: key rows from the ring, straight into the dQ rows.
-        lane_pv_rows(dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask, n, nv);
+        pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask,
+                   n, nv);
       }
     }
+#if defined(__AVX512F__)
+    if (stream_dq) _mm_sfence();
+#endif
   });
 }
 
@@ -1010,6 +1032,8 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   EntryTable et;
   et.build<L, true>(pr, g);
   const std::vector<int32_t> dsr = ds_out ? ds_rows(et, g, *ds, /*query_side=*/false) : std::vector<int32_t>();
+  const bool stream_dkv = stream_rows<S, A>(dk, double(pr.B) * heads_kv * g.Nq, D) &&
+                          stream_rows<S, A>(dv, double(pr.B) * heads_kv * g.Nq, Dv);
   const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
@@ -1095,13 +1119,16 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;
         if (j + 1 == group) {
-          lane_pv_rows(dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
-          lane_pv_rows(dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
+          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
+          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
         } else {
           lane_pv_rows(dVs, Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
           lane_pv_rows(dKs, D, one, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
         }
       }
     }
+#if defined(__AVX512F__)
+    if (stream_dkv) _mm_sfence();
+#endif
   });
 }
