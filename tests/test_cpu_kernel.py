@@ -116,6 +116,17 @@ def _loss_grads(out, lse, inputs, g_out, g_lse):
     return torch.autograd.grad(loss, inputs)
 
 
+def _assert_grads_match(out, lse, inputs, ref_out, ref_lse, ref_inputs, tol):
+    """dQ, dK, dV of a random loss on (out, lse) against the same loss on the reference's outputs."""
+    g = torch.Generator().manual_seed(1)
+    g_out = torch.randn(ref_out.shape, dtype=torch.float64, generator=g)
+    g_lse = torch.randn(ref_lse.shape, dtype=torch.float64, generator=g)
+    got = _loss_grads(out, lse, inputs, g_out, g_lse)
+    want = _loss_grads(ref_out, ref_lse, ref_inputs, g_out, g_lse)
+    for name, a, b in zip("qkv", got, want):
+        assert rel_err(a, b) < tol, name
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_gradients_float64_match_oracle(case):
     """dQ, dK, dV through a loss on both the output and the LSE (delta = rowsum(dO * O) - dLSE)."""
@@ -421,13 +432,7 @@ def test_lane_kernels_forward_backward(case, dtype):
     ref_out, ref_lse = run_oracle(case, qd, kd, vd)
     assert rel_err(out, ref_out) < TOLERANCE[dtype]
     assert rel_err(lse, ref_lse) < TOLERANCE[_ops.accum_dtype(dtype)]
-    g = torch.Generator().manual_seed(1)
-    g_out = torch.randn(ref_out.shape, dtype=torch.float64, generator=g)
-    g_lse = torch.randn(ref_lse.shape, dtype=torch.float64, generator=g)
-    got = _loss_grads(out, lse, (q, k, v), g_out, g_lse)
-    want = _loss_grads(ref_out, ref_lse, (qd, kd, vd), g_out, g_lse)
-    for name, a, b in zip("qkv", got, want):
-        assert rel_err(a, b) < TOLERANCE[dtype], name
+    _assert_grads_match(out, lse, (q, k, v), ref_out, ref_lse, (qd, kd, vd), TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("case", [LANE_CASES[0], LANE_CASES[1], LANE_CASES[-2]], ids=lambda c: c.id)
@@ -470,13 +475,7 @@ def test_lane_kernels_large_output(layout):
     assert rel_err(out, ref_out) < TOLERANCE[torch.float32]
     assert rel_err(lse, ref_lse) < TOLERANCE[torch.float32]
     # dQ, dK, dV beyond the caches too (non-temporal stores in both backward passes)
-    g = torch.Generator().manual_seed(1)
-    g_out = torch.randn(ref_out.shape, dtype=torch.float64, generator=g)
-    g_lse = torch.randn(ref_lse.shape, dtype=torch.float64, generator=g)
-    got = _loss_grads(out, lse, (q, k, v), g_out, g_lse)
-    want = _loss_grads(ref_out, ref_lse, (qd, kd, vd), g_out, g_lse)
-    for name, a, b in zip("qkv", got, want):
-        assert rel_err(a, b) < TOLERANCE[torch.float32], name
+    _assert_grads_match(out, lse, (q, k, v), ref_out, ref_lse, (qd, kd, vd), TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
