@@ -790,10 +790,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         }
         // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
-        if (stream_out)
-          lane_pv_rows<true>(orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
-        else
-          lane_pv_rows<false>(orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
+        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
       }
     }
 #if defined(__AVX512F__)
@@ -810,13 +807,13 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
 // then skips its recomputation of S and dP (two of its three products, the transposes of Q and dO and
 // the K^T / V^T rings): for small windows, the backward's products go from 7 to 5. Layout per (batch,
 // head): one row per relative offset (dt, dh, dw) of the key side's box (key -> query), over the keys
-// (flat key index + L, so that the masked lanes of border blocks stay inside the row): a key block's
+// (flat key index + kPad, so that the masked lanes of border blocks stay inside the row): a key block's
 // entry is one contiguous vector store, a query block's entry (the opposite offset) one vector load.
 struct DsStore {
   static constexpr int64_t kPad = 16;  // key 0 sits at this element of a row (>= L of float and double)
-  int64_t nt = 0, nh = 0, nw = 0;  // the key side's box extents
-  int64_t lo[3] = {0, 0, 0};        // its lowest offsets
-  int64_t H = 0, W = 0, ld = 0, rows = 0;
+  int64_t nh = 0, nw = 0;     // the key side's box extents along H and W
+  int64_t lo[3] = {0, 0, 0};  // its lowest offsets
+  int64_t ld = 0, rows = 0;   // row length (keys and pads), rows per (batch, head)
 
   // Whether the call's offsets decompose uniquely from flat shifts (box narrower than the grid along H
   // and W on both sides), and the store's elements when they do (0 otherwise).
@@ -827,13 +824,10 @@ struct DsStore {
     return pr.B * pr.heads * gk.box_max * (round_up(gk.Nq, L) + 2 * kPad);
   }
   template <int L>
-  void init(const Problem& pr, const LaneGeom& gk) {
-    nt = gk.rhi[0] - gk.rlo[0] + 1;
+  void init(const LaneGeom& gk) {
     nh = gk.rhi[1] - gk.rlo[1] + 1;
     nw = gk.rhi[2] - gk.rlo[2] + 1;
     for (int a = 0; a < 3; ++a) lo[a] = gk.rlo[a];
-    H = gk.H;
-    W = gk.W;
     ld = round_up(gk.Nq, L) + 2 * kPad;
     rows = gk.box_max;
   }

@@ -1107,7 +1107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
         const bool small = ds_elems * int64_t(sizeof(A)) <= kDsStoreBytes && ds_elems <= 4 * query.numel();
         if (ds_elems > 0 && small && EntryTable::fits<L>(gq) && EntryTable::fits<L>(gk)) {
           DsStore st;
-          st.init<L>(pr, gk);
+          st.init<L>(gk);
           A* buf = static_cast<A*>(pool_alloc(ds_elems * sizeof(A)));
           struct Free {
             A* p;
