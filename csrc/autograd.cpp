@@ -2,7 +2,9 @@
 //
 // nuwa_kernels::na3d_fwd's Autograd kernel: the forward runs the device kernel below autograd and saves
 // (query, key, value, out, lse); the backward forms delta = rowsum(dO * O) - dLSE (na3d_delta) and runs
-// na3d_bwd, FlashAttention style. Under grad mode (create_graph=True: a gradient penalty, double
+// na3d_bwd, FlashAttention style. CPU tensors that need gradients take na3d_fwd_probs / na3d_bwd_probs
+// instead: the CPU kernel also keeps the probabilities of small windows, and the backward skips the
+// scores' recomputation. Under grad mode (create_graph=True: a gradient penalty, double
 // backward) the backward instead calls na3d_bwd_recompute, whose CompositeImplicitAutograd kernel is the
 // Python reference's differentiable recomputation (nuwa_kernels/backends/_fused_ops.py), so second
 // order is exact. A Python autograd.Function on this path costs tens of microseconds a call
@@ -25,6 +27,12 @@ using torch::autograd::variable_list;
 using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                   at::IntArrayRef, c10::List<bool>, bool, bool, at::IntArrayRef,
                                                   at::IntArrayRef, double);
+using FwdProbsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, at::IntArrayRef, c10::List<bool>,
+                                                                   bool, bool, at::IntArrayRef, at::IntArrayRef, double);
+using BwdProbsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, at::IntArrayRef, c10::List<bool>, bool, bool, at::IntArrayRef, at::IntArrayRef, double);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               at::IntArrayRef, c10::List<bool>, bool, bool,
@@ -49,6 +57,7 @@ struct WindowArgs {
   std::vector<int64_t> stride;
   std::vector<int64_t> slab;
   double scale;
+  bool keep_probs;  // CPU tensors that need gradients: na3d_fwd_probs, whose probabilities na3d_bwd_probs reads
 };
 
 class Na3dFunction : public torch::autograd::Function<Na3dFunction> {
@@ -57,9 +66,16 @@ class Na3dFunction : public torch::autograd::Function<Na3dFunction> {
                                const at::Tensor& value, WindowArgs args) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto fwd = op<FwdSig>("nuwa_kernels::na3d_fwd");
-    auto [out, lse] = fwd.call(query, key, value, args.kernel_size, args.causal_axes, args.raster_causal,
-                               args.shift_border, args.stride, args.slab, args.scale);
-    ctx->save_for_backward({query, key, value, out, lse});
+    static auto fwd_probs = op<FwdProbsSig>("nuwa_kernels::na3d_fwd_probs");
+    at::Tensor out, lse, probs;  // probs: undefined, or (possibly empty) the CPU kernel's probabilities
+    if (args.keep_probs)
+      std::tie(out, lse, probs) = fwd_probs.call(query, key, value, args.kernel_size, args.causal_axes,
+                                                 args.raster_causal, args.shift_border, args.stride, args.slab,
+                                                 args.scale);
+    else
+      std::tie(out, lse) = fwd.call(query, key, value, args.kernel_size, args.causal_axes, args.raster_causal,
+                                    args.shift_border, args.stride, args.slab, args.scale);
+    ctx->save_for_backward({query, key, value, out, lse, probs});
     ctx->set_materialize_grads(false);
     ctx->saved_data["kernel_size"] = args.kernel_size;
     ctx->saved_data["causal_axes"] = args.causal_axes;
@@ -74,6 +90,7 @@ class Na3dFunction : public torch::autograd::Function<Na3dFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &query = saved[0], &key = saved[1], &value = saved[2], &out = saved[3], &lse = saved[4];
+    const at::Tensor& probs = saved[5];
     at::Tensor grad_out = grads[0];
     const at::Tensor& grad_lse = grads[1];
     variable_list result(4);  // dq, dk, dv, and nothing for the window arguments
@@ -98,6 +115,13 @@ class Na3dFunction : public torch::autograd::Function<Na3dFunction> {
     static auto bwd = op<BwdSig>("nuwa_kernels::na3d_bwd");
     if (!grad_out.defined()) grad_out = at::zeros_like(out);
     const at::Tensor delta = delta_op.call(grad_out, out, glse);
+    if (probs.defined() && probs.numel() > 0) {
+      static auto bwd_probs = op<BwdProbsSig>("nuwa_kernels::na3d_bwd_probs");
+      std::tie(result[0], result[1], result[2]) = bwd_probs.call(grad_out, query, key, value, lse, delta, probs,
+                                                                 kernel_size, causal_axes, raster, shift, stride,
+                                                                 slab, scale);
+      return result;
+    }
     std::tie(result[0], result[1], result[2]) =
         bwd.call(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster, shift, stride, slab, scale);
     return result;
@@ -109,7 +133,10 @@ std::tuple<at::Tensor, at::Tensor> na3d_fwd_autograd(const at::Tensor& query, co
                                                      c10::List<bool> causal_axes, bool raster_causal,
                                                      bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab,
                                                      double scale) {
-  WindowArgs args{kernel_size.vec(), causal_axes, raster_causal, shift_border, stride.vec(), slab.vec(), scale};
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (query.requires_grad() || key.requires_grad() || value.requires_grad());
+  WindowArgs args{kernel_size.vec(), causal_axes,  raster_causal, shift_border,
+                  stride.vec(),      slab.vec(),   scale,         needs_grad && query.is_cpu()};
   variable_list outs = Na3dFunction::apply(query, key, value, std::move(args));
   return {outs[0], outs[1]};
 }

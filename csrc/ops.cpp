@@ -2,6 +2,8 @@
 //
 //   nuwa_kernels::na3d_fwd / na3d_bwd   the fused kernels; implemented per dispatch key in
 //                                       csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
+//   nuwa_kernels::na3d_fwd_probs / na3d_bwd_probs / na3d_probs_numel
+//                                       the CPU pair that keeps the probabilities for the backward.
 //   nuwa_kernels::na3d_bwd_recompute    the differentiable backward of double backward (Python kernel).
 //   nuwa_kernels::na3d_delta            delta = rowsum(dO * O) - dLSE of the backward, one pass over
 //                                       dO and O (no dO * O temporary) for the eager path.
@@ -29,6 +31,7 @@
 #include <tuple>
 
 #include "cpu/block_pool.h"
+#include "cpu/pair_store.h"
 #include "window.h"
 
 extern "C" {
@@ -152,6 +155,21 @@ TORCH_LIBRARY(nuwa_kernels, m) {
       "float scale) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("na3d_delta(Tensor grad_out, Tensor out, Tensor? grad_lse) -> Tensor");
+  // The CPU pair: the forward also returns every pair's probability (1-D, the accumulation dtype; empty
+  // when the lane kernels do not keep them), which the backward reads instead of recomputing the scores
+  // (csrc/cpu/lane_kernels.h). csrc/autograd.cpp calls them for CPU tensors; na3d_probs_numel is their
+  // size, for the fake kernels.
+  m.def(
+      "na3d_fwd_probs(Tensor query, Tensor key, Tensor value, int[] kernel_size, bool[] causal_axes, "
+      "bool raster_causal, bool shift_border, int[] stride, int[] slab, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "na3d_bwd_probs(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor delta, "
+      "Tensor probs, int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, int[] stride, "
+      "int[] slab, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "na3d_probs_numel(int[] query_shape, int[] key_shape, int[] value_shape, ScalarType dtype, int[] kernel_size, "
+      "bool[] causal_axes, bool raster_causal, bool shift_border, int[] stride, int[] slab) -> int",
+      &nuwa::cpu::na3d_probs_numel);
   // The differentiable backward for create_graph=True (csrc/autograd.cpp); implemented in Python
   // (CompositeImplicitAutograd, nuwa_kernels/backends/_fused_ops.py).
   m.def(

@@ -420,6 +420,8 @@ LANE_CASES = [
     # small windows with D=64: the key pass stores dS for the query pass (DsStore)
     Case("lanes-ds-store-gqa", (4, 9, 11), heads=4, heads_kv=2, D=64, B=2),
     Case("lanes-ds-store-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, heads=2, heads_kv=2, D=64, B=1),
+    # a 7-wide window: the store takes 5.7x the query's elements (at most 8x)
+    Case("lanes-ds-store-777", (7, 9, 11), kernel_size=7, heads=2, heads_kv=1, D=64, B=1),
 ]
 
 
@@ -457,6 +459,86 @@ def test_lane_kernels_thread_count_invariant(case):
         assert torch.equal(a, b)
     for a, b in zip(results[0], results[2]):
         assert torch.equal(a, b)
+
+
+# The probabilities the CPU forward keeps for the backward (na3d_fwd_probs / na3d_bwd_probs: small windows,
+# what csrc/autograd.cpp calls for CPU tensors that need gradients).
+PROBS_CASES = [LANE_CASES[-3], LANE_CASES[-2], Case("probs-image-133", (1, 13, 21), kernel_size=(1, 3, 3), D=64, B=1)]
+
+
+def _probs_numel(q, k, v, rest):
+    return torch.ops.nuwa_kernels.na3d_probs_numel(list(q.shape), list(k.shape), list(v.shape), q.dtype, *rest[:-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", PROBS_CASES, ids=lambda c: c.id)
+def test_probs_pair_matches_the_recomputing_backward(case, dtype):
+    """Forward: the same out and lse as na3d_fwd, and probabilities that sum to one per query (the elements
+    of no pair are 0). Backward: the same gradients as na3d_bwd (which recomputes them), also when every
+    element of no pair is NaN (the key pass must not read them)."""
+    q, k, v, *rest = _op_args(case, dtype)
+    out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
+    ref_out, ref_lse = torch.ops.nuwa_kernels.na3d_fwd(q, k, v, *rest)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert probs.dtype == dtype and probs.dim() == 1 and probs.numel() == _probs_numel(q, k, v, rest) > 0
+    queries = lse.numel()
+    assert (probs >= 0).all()
+    assert abs(probs.double().sum().item() - queries) < TOLERANCE[dtype] * queries
+    g = torch.Generator().manual_seed(3)
+    go = torch.randn(out.shape, dtype=dtype, generator=g)
+    delta = (go * out).sum(-1) - torch.randn(lse.shape, dtype=dtype, generator=g)
+    want = torch.ops.nuwa_kernels.na3d_bwd(go, q, k, v, lse, delta, *rest)
+    poisoned = probs.masked_fill(probs == 0, float("nan"))
+    for p in (probs, poisoned):
+        got = torch.ops.nuwa_kernels.na3d_bwd_probs(go, q, k, v, lse, delta, p, *rest)
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all()
+            assert rel_err(a, b) < TOLERANCE[dtype]
+
+
+def test_probs_pair_opcheck():
+    case = PROBS_CASES[0]
+    q, k, v, *rest = _op_args(case, torch.float64)
+    torch.library.opcheck(torch.ops.nuwa_kernels.na3d_fwd_probs.default, (q, k, v, *rest))
+    out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
+    go = torch.randn_like(out)
+    delta = (go * out).sum(-1)
+    torch.library.opcheck(torch.ops.nuwa_kernels.na3d_bwd_probs.default, (go, q, k, v, lse, delta, probs, *rest))
+
+
+def test_probs_pair_sizes_and_errors():
+    """No probabilities where the lanes do not keep them (a (7,7,7) window: more than the query's size;
+    head dims not in whole vectors); probabilities of another call are refused."""
+    big = Case("probs-777", (7, 9, 11), kernel_size=7, D=64, B=1)
+    odd = Case("probs-odd-dim", (4, 9, 11), D=24, B=1)
+    for case in (big, odd):
+        q, k, v, *rest = _op_args(case)
+        assert _probs_numel(q, k, v, rest) == 0
+        assert torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)[2].numel() == 0
+    q, k, v, *rest = _op_args(PROBS_CASES[0])
+    out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
+    delta = torch.zeros_like(lse)
+    with pytest.raises(RuntimeError, match="probs"):
+        torch.ops.nuwa_kernels.na3d_bwd_probs(out, q, k, v, lse, delta, probs[:-1], *rest)
+
+
+def test_probs_pair_through_autograd_retain_graph():
+    """Autograd takes the probabilities path for CPU tensors that need gradients; a second backward of the
+    same graph (retain_graph) reads them again: the same gradients, and those of the oracle."""
+    case = PROBS_CASES[0]
+    q, k, v = case.inputs(torch.float64, requires_grad=True)
+    out, lse = run_cpu(case, q, k, v)
+    g_out = torch.randn_like(out)
+    loss = (out * g_out).sum() + lse.sum()
+    first = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+    second = torch.autograd.grad(loss, (q, k, v))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = run_oracle(case, qd, kd, vd)
+    want = torch.autograd.grad((ref_out * g_out).sum() + ref_lse.sum(), (qd, kd, vd))
+    for a, b in zip(first, want):
+        assert rel_err(a, b) < TOLERANCE[torch.float64]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "head-major-kv"])

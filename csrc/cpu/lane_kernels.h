@@ -412,12 +412,16 @@ __attribute__((always_inline)) inline void lane_dots(A* __restrict S, const A* _
   for (int m = 0; m < M; ++m) vst(S + m * L, acc[m]);
 }
 
+// Entries scored at once by lane_scores: 9 accumulators (+ the query vector) fit AVX2's 16 registers too;
+// three rows of a 3-wide window per batch (NÜWA's (1,3,3) block: one batch instead of 8 + 1).
+constexpr int kScoreBatch = 9;
+
 // S[e] for entries e < n: a (transposed block, [D][L]) against the transposed rows X^T (d-major,
 // row length ld) at columns col[e].
 template <typename A>
 inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t* col, int64_t n, int64_t D) {
   constexpr int L = kLanes<A>;
-  constexpr int kBatch = kLaneBlock;
+  constexpr int kBatch = kScoreBatch;
   const A* xp[kBatch];
   int64_t e = 0;
   for (; e + kBatch <= n; e += kBatch) {
@@ -427,6 +431,7 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
   const int r = static_cast<int>(n - e);
   for (int m = 0; m < r; ++m) xp[m] = XT + col[e + m];
   switch (r) {
+    case 8: lane_dots<(8 < kBatch ? 8 : 1)>(S + e * L, a, xp, ld, D); break;
     case 7: lane_dots<(7 < kBatch ? 7 : 1)>(S + e * L, a, xp, ld, D); break;
     case 6: lane_dots<(6 < kBatch ? 6 : 1)>(S + e * L, a, xp, ld, D); break;
     case 5: lane_dots<(5 < kBatch ? 5 : 1)>(S + e * L, a, xp, ld, D); break;
@@ -456,6 +461,87 @@ inline void lane_pv(A* __restrict Ot, const A* __restrict c, const A* __restrict
     }
     for (int j = 0; j < B; ++j) vst(Ot + (d0 + j) * L, acc[j]);
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Pair stores
+// ------------------------------------------------------------------------------------------------
+
+// A value for every (query, key) pair of the call: dS, written by the backward's key pass and read by its
+// query pass, which then skips its recomputation of S and dP (two of its three products, the transposes
+// of Q and dO and the K^T / V^T rings); and P, written by the forward (na3d_fwd_probs) and read by the key
+// pass, which then skips S (a product, the Q^T and lse rings, the exponentials). For small windows the
+// backward's products go from 9 to 4. Layout per (batch,
+// head): one row per relative offset (dt, dh, dw) of the key side's box (key -> query), over the keys
+// (flat key index + kPad, so that the masked lanes of border blocks stay inside the row): a key block's
+// entry is one contiguous vector store, a query block's entry (the opposite offset) one vector load.
+struct DsStore {
+  static constexpr int64_t kPad = 16;  // key 0 sits at this element of a row (>= L of float and double)
+  int64_t nh = 0, nw = 0;     // the key side's box extents along H and W
+  int64_t lo[3] = {0, 0, 0};  // its lowest offsets
+  int64_t ld = 0, rows = 0;   // row length (keys and pads), rows per (batch, head)
+
+  // Whether the call's offsets decompose uniquely from flat shifts (box narrower than the grid along H
+  // and W on both sides), and the store's elements when they do (0 otherwise).
+  template <int L>
+  static int64_t elems(const Problem& pr, const LaneGeom& gq, const LaneGeom& gk) {
+    for (const LaneGeom* g : {&gq, &gk})
+      if (g->rhi[1] - g->rlo[1] + 1 > g->H || g->rhi[2] - g->rlo[2] + 1 > g->W) return 0;
+    return pr.B * pr.heads * gk.box_max * (round_up(gk.Nq, L) + 2 * kPad);
+  }
+  template <int L>
+  void init(const LaneGeom& gk) {
+    nh = gk.rhi[1] - gk.rlo[1] + 1;
+    nw = gk.rhi[2] - gk.rlo[2] + 1;
+    for (int a = 0; a < 3; ++a) lo[a] = gk.rlo[a];
+    ld = round_up(gk.Nq, L) + 2 * kPad;
+    rows = gk.box_max;
+  }
+  // (dt, dh, dw) of a flat shift s whose offsets lie in [rlo, rhi] of geometry g.
+  static void split(const LaneGeom& g, int64_t s, int64_t* d) {
+    const int64_t W_ = g.W, H_ = g.H;
+    d[2] = g.rlo[2] + (((s - g.rlo[2]) % W_) + W_) % W_;
+    const int64_t s2 = (s - d[2]) / W_;
+    d[1] = g.rlo[1] + (((s2 - g.rlo[1]) % H_) + H_) % H_;
+    d[0] = (s2 - d[1]) / H_;
+  }
+  // Row of offsets (dt, dh, dw) (key -> query).
+  int32_t row(const int64_t* d) const {
+    return static_cast<int32_t>(((d[0] - lo[0]) * nh + (d[1] - lo[1])) * nw + (d[2] - lo[2]));
+  }
+  // Element of key 0 in the rows of (b, head).
+  int64_t base(int64_t b, int64_t head, int64_t heads) const { return (b * heads + head) * rows * ld + kPad; }
+};
+
+// The DsStore row of every entry of a built table: the entry's offsets (key side: key -> query), or the
+// opposite ones (query side).
+inline std::vector<int32_t> ds_rows(const EntryTable& et, const LaneGeom& g, const DsStore& st, bool query_side) {
+  std::vector<int32_t> r(et.shift.size(), 0);
+  for (size_t bi = 0; bi < et.count.size(); ++bi)
+    for (int64_t e = 0; e < et.count[bi]; ++e) {
+      int64_t d[3];
+      DsStore::split(g, et.shift[bi * et.stride + e], d);
+      if (query_side)
+        for (int a = 0; a < 3; ++a) d[a] = -d[a];
+      r[bi * et.stride + e] = st.row(d);
+    }
+  return r;
+}
+
+// *p = v on the lanes set in `mask` (the other elements of p untouched).
+template <typename A>
+inline void vst_masked(A* p, const Vec<A>& v, uint32_t mask) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<A, float>::value) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>(mask), reinterpret_cast<const __m512&>(v));
+    return;
+  } else {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>(mask), reinterpret_cast<const __m512d&>(v));
+    return;
+  }
+#endif
+  for (int l = 0; l < kLanes<A>; ++l)
+    if ((mask >> l) & 1u) p[l] = v[l];
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -698,9 +784,11 @@ inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P,
     lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
 }
 
+// probs (optional): every pair's probability, stored in the DsStore layout `ps` for the backward's key
+// pass (the elements of pairs outside the windows are not written).
 template <typename S, bool kUnit>
 void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
-                     acc_t<S>* lse) {
+                     acc_t<S>* lse, acc_t<S>* probs = nullptr, const DsStore* ps = nullptr) {
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
@@ -720,6 +808,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t scratch = D * ring + RowRing<S, kUnit, A>::elems(g, L, Dv) + D * L + sbuf + L * X + 2 * L;
   EntryTable et;
   et.build<L>(pr, g);
+  const std::vector<int32_t> psr = probs ? ds_rows(et, g, *ps, /*query_side=*/true) : std::vector<int32_t>();
   const bool stream_out = stream_rows<S, A>(out, double(pr.B) * heads * g.Nq, Dv);
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
@@ -788,6 +877,12 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           A* lp = lse + (b * g.Nq + q0) * heads + head;
           for (int i = 0; i < nv; ++i) lp[i * heads] = lv[i];
         }
+        if (probs) {  // P = p / l of the valid lanes: an unaligned masked store per entry
+          A* pb = probs + ps->base(b, head, heads) + q0;
+          const int32_t* rr = psr.data() + (q0 / L) * et.stride;
+          const Vec<A> il = vld(inv_l);
+          for (int64_t e = 0; e < n; ++e) vst_masked(pb + rr[e] * ps->ld + shift[e], vld(Sb + e * L) * il, mask[e]);
+        }
         // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
         pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
@@ -802,65 +897,6 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
 // ------------------------------------------------------------------------------------------------
 // Backward: a query pass (dQ) and a key pass (dK, dV), both in lanes
 // ------------------------------------------------------------------------------------------------
-
-// dS of every (query, key) pair of the call, written by the key pass and read by the query pass, which
-// then skips its recomputation of S and dP (two of its three products, the transposes of Q and dO and
-// the K^T / V^T rings): for small windows, the backward's products go from 7 to 5. Layout per (batch,
-// head): one row per relative offset (dt, dh, dw) of the key side's box (key -> query), over the keys
-// (flat key index + kPad, so that the masked lanes of border blocks stay inside the row): a key block's
-// entry is one contiguous vector store, a query block's entry (the opposite offset) one vector load.
-struct DsStore {
-  static constexpr int64_t kPad = 16;  // key 0 sits at this element of a row (>= L of float and double)
-  int64_t nh = 0, nw = 0;     // the key side's box extents along H and W
-  int64_t lo[3] = {0, 0, 0};  // its lowest offsets
-  int64_t ld = 0, rows = 0;   // row length (keys and pads), rows per (batch, head)
-
-  // Whether the call's offsets decompose uniquely from flat shifts (box narrower than the grid along H
-  // and W on both sides), and the store's elements when they do (0 otherwise).
-  template <int L>
-  static int64_t elems(const Problem& pr, const LaneGeom& gq, const LaneGeom& gk) {
-    for (const LaneGeom* g : {&gq, &gk})
-      if (g->rhi[1] - g->rlo[1] + 1 > g->H || g->rhi[2] - g->rlo[2] + 1 > g->W) return 0;
-    return pr.B * pr.heads * gk.box_max * (round_up(gk.Nq, L) + 2 * kPad);
-  }
-  template <int L>
-  void init(const LaneGeom& gk) {
-    nh = gk.rhi[1] - gk.rlo[1] + 1;
-    nw = gk.rhi[2] - gk.rlo[2] + 1;
-    for (int a = 0; a < 3; ++a) lo[a] = gk.rlo[a];
-    ld = round_up(gk.Nq, L) + 2 * kPad;
-    rows = gk.box_max;
-  }
-  // (dt, dh, dw) of a flat shift s whose offsets lie in [rlo, rhi] of geometry g.
-  static void split(const LaneGeom& g, int64_t s, int64_t* d) {
-    const int64_t W_ = g.W, H_ = g.H;
-    d[2] = g.rlo[2] + (((s - g.rlo[2]) % W_) + W_) % W_;
-    const int64_t s2 = (s - d[2]) / W_;
-    d[1] = g.rlo[1] + (((s2 - g.rlo[1]) % H_) + H_) % H_;
-    d[0] = (s2 - d[1]) / H_;
-  }
-  // Row of offsets (dt, dh, dw) (key -> query).
-  int32_t row(const int64_t* d) const {
-    return static_cast<int32_t>(((d[0] - lo[0]) * nh + (d[1] - lo[1])) * nw + (d[2] - lo[2]));
-  }
-  // Element of key 0 in the rows of (b, head).
-  int64_t base(int64_t b, int64_t head, int64_t heads) const { return (b * heads + head) * rows * ld + kPad; }
-};
-
-// The DsStore row of every entry of a built table: the entry's offsets (key side: key -> query), or the
-// opposite ones (query side).
-inline std::vector<int32_t> ds_rows(const EntryTable& et, const LaneGeom& g, const DsStore& st, bool query_side) {
-  std::vector<int32_t> r(et.shift.size(), 0);
-  for (size_t bi = 0; bi < et.count.size(); ++bi)
-    for (int64_t e = 0; e < et.count[bi]; ++e) {
-      int64_t d[3];
-      DsStore::split(g, et.shift[bi * et.stride + e], d);
-      if (query_side)
-        for (int a = 0; a < 3; ++a) d[a] = -d[a];
-      r[bi * et.stride + e] = st.row(d);
-    }
-  return r;
-}
 
 // Chunks of blocks per (batch, kv head) for n blocks' worth of rows: enough tasks for the threads (results
 // do not depend on it: every output element is summed by one task in shift order).
@@ -1004,8 +1040,10 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
 template <typename S, bool kUnit>
 void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                          const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
-                         S* dk, S* dv, acc_t<S>* ds_out = nullptr, const DsStore* ds = nullptr) {
-  // ds_out: where to store every pair's dS (DsStore ds) for the query pass.
+                         S* dk, S* dv, acc_t<S>* ds_out = nullptr, const DsStore* ds = nullptr,
+                         const acc_t<S>* p_in = nullptr) {
+  // ds_out: where to store every pair's dS (DsStore ds) for the query pass; p_in: the forward's P (same
+  // layout), read instead of recomputing S.
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr, /*key_side=*/true);  // Nq: keys (the blocks), Nk: queries (the rings)
@@ -1025,7 +1063,8 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   EntryTable et;
   et.build<L, true>(pr, g);
-  const std::vector<int32_t> dsr = ds_out ? ds_rows(et, g, *ds, /*query_side=*/false) : std::vector<int32_t>();
+  const std::vector<int32_t> dsr =
+      ds_out || p_in ? ds_rows(et, g, *ds, /*query_side=*/false) : std::vector<int32_t>();
   const bool stream_dkv = stream_rows<S, A>(dk, double(pr.B) * heads_kv * g.Nq, D) &&
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * g.Nq, Dv);
   const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
@@ -1085,27 +1124,38 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
         prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
       }
-      transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
+      if (!p_in) transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
       transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
       const int64_t row0 = (b * g.Nq + k0) * heads_kv + gh;
+      const int32_t* rr = dsr.empty() ? nullptr : dsr.data() + (k0 / L) * et.stride;
       for (int64_t j = 0; j < group; ++j) {
-        qr[j].advance(k0 + L + g.smax, tmp);
+        if (!p_in) {
+          qr[j].advance(k0 + L + g.smax, tmp);
+          lr[j].advance(k0 + L + g.smax, tmp);
+        }
         gr[j].advance(k0 + L + g.smax, tmp);
-        lr[j].advance(k0 + L + g.smax, tmp);
         dr[j].advance(k0 + L + g.smax, tmp);
         qrow[j].advance(k0 + L + g.smax);
         grow[j].advance(k0 + L + g.smax);
-        lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
         lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
-        for (int64_t e = 0; e < n; ++e) {
-          const Vec<A> p0 = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
-          const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
-          vst(Sb + e * L, p);
-          vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+        if (p_in) {  // P from the forward; masked lanes read elements of no pair: zeroed
+          const A* pb = p_in + ds->base(b, gh * group + j, pr.heads) + k0;
+          for (int64_t e = 0; e < n; ++e) {
+            const Vec<A> p = lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld) : Vec<A>{};
+            vst(Sb + e * L, p);
+            vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+          }
+        } else {
+          lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
+          for (int64_t e = 0; e < n; ++e) {
+            const Vec<A> p0 = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
+            const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
+            vst(Sb + e * L, p);
+            vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+          }
         }
         if (ds_out) {
           A* dsb = ds_out + ds->base(b, gh * group + j, pr.heads) + k0;
-          const int32_t* rr = dsr.data() + (k0 / L) * et.stride;
           for (int64_t e = 0; e < n; ++e) vst(dsb + rr[e] * ds->ld, vld(Pb + e * L));
         }
         // dV = P^T dO and dK = scale dS^T Q in the natural layout, from the rows of dO and Q; a group's

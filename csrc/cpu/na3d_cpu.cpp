@@ -56,6 +56,7 @@
 #endif
 
 #include "block_pool.h"
+#include "pair_store.h"
 #include "window_args.h"
 
 // 64-byte vector types in internal functions: the ABI note GCC prints without AVX-512 does not apply.
@@ -976,9 +977,8 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
 
 #include "lane_kernels.h"
 
-// Largest dS store (lane_kernels.h's DsStore) the backward keeps between its key and query passes; it must
-// also hold at most 4x the query's elements (small windows: NÜWA's (3,3,3) on 10x21x21 with D=64 takes 2x,
-// (7,7,7) would take 34x and recomputes instead).
+// Largest pair store (lane_kernels.h's DsStore: the backward's dS, the forward's saved probabilities).
+// NATTEN's shifted borders widen the key side's box: (3,3,3) 2x the query's elements, (7,7,7) 34x.
 constexpr int64_t kDsStoreBytes = int64_t(256) << 20;
 
 // Whether the lane kernels may run (NUWA_CPU_LANES=0 turns them off: the row kernels then run every
@@ -989,6 +989,27 @@ inline bool lanes_enabled() {
     return !(e && e[0] == '0');
   }();
   return on;
+}
+
+// Pair stores (DsStore layout) per query element. The dS store lives within one backward call; the
+// probabilities of na3d_fwd_probs are kept from the forward to the backward (activation memory), so they
+// get a tighter bound: on 10x21x21 with D=64 and truncated borders, (3,3,3) takes 0.43x the query's
+// elements, (1,3,3) 0.15x, (7,7,7) 5.4x (dS store only).
+constexpr int64_t kDsPerQuery = 8;
+constexpr int64_t kProbsPerQuery = 1;
+
+// The elements of a pair store of this problem in the lane kernels (accumulation type A) when the lanes
+// run it, its offsets decompose, both entry tables are built, and it holds at most per_query times the
+// query's elements and kDsStoreBytes; 0 otherwise. Shapes only: the same answer for every call.
+template <typename A>
+int64_t lane_pair_store_elems(const Problem& pr, int64_t per_query) {
+  constexpr int L = kLanes<A>;
+  if (!lanes_enabled() || !lane_ok<A>(pr)) return 0;
+  const LaneGeom gq = lane_geom(pr), gk = lane_geom(pr, /*key_side=*/true);
+  if (!EntryTable::fits<L>(gq) || !EntryTable::fits<L>(gk)) return 0;
+  const int64_t n = DsStore::elems<L>(pr, gq, gk);
+  const int64_t q_elems = pr.B * gq.Nq * pr.heads * pr.D;
+  return n * int64_t(sizeof(A)) <= kDsStoreBytes && n <= per_query * q_elems ? n : 0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1013,23 +1034,27 @@ inline void with_unit(bool unit, const F& f) {
     f(std::false_type{});
 }
 
-std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
-                                                const at::Tensor& value, at::IntArrayRef kernel_size,
-                                                c10::List<bool> causal_axes, bool raster_causal, bool shift_border,
-                                                at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
+// (out, lse, probs): probs, with want_probs, every pair's probability for the backward's key pass (a
+// DsStore of kProbsPerQuery at most; pairs outside the windows 0), else (and when there is none) empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_impl(const at::Tensor& query, const at::Tensor& key,
+                                                             const at::Tensor& value, at::IntArrayRef kernel_size,
+                                                             c10::List<bool> causal_axes, bool raster_causal,
+                                                             bool shift_border, at::IntArrayRef stride,
+                                                             at::IntArrayRef slab, double scale, bool want_probs) {
   check_inputs(query, key, value, kernel_size, causal_axes);
   TORCH_CHECK(query.device().is_cpu(), "na3d_fwd (CPU kernel): tensors must be on the CPU");
   const auto dtype = query.scalar_type();
   at::Tensor out = pooled_empty(out_shape_of(query, value), query.options());
   at::Tensor lse = pooled_empty(query.sizes().slice(0, 5), query.options().dtype(acc_type(dtype)));
+  at::Tensor probs = at::empty({0}, query.options().dtype(acc_type(dtype)));
   if (lse.numel() == 0) {  // no query (B = 0, an empty grid or no heads)
     out.zero_();
-    return {out, lse};
+    return {out, lse, probs};
   }
   if (key.size(1) * key.size(2) * key.size(3) == 0) {  // an empty key grid: no key for any query
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
+    return {out, lse, probs};
   }
   const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale);
   const bool unit = unit_last(query) && unit_last(key) && unit_last(value);
@@ -1039,22 +1064,51 @@ std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const a
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
     const bool lanes = lanes_enabled() && lane_ok<A>(pr);
+    const int64_t np = want_probs ? lane_pair_store_elems<A>(pr, kProbsPerQuery) : 0;
+    DsStore ps;
+    if (np > 0) {
+      constexpr int L = kLanes<A>;
+      ps.init<L>(lane_geom(pr, /*key_side=*/true));
+      probs = pooled_empty({np}, query.options().dtype(acc_type(dtype)));
+      probs.zero_();  // the elements of no pair (and the pads): deterministic
+    }
+    A* pp = np > 0 ? probs.data_ptr<A>() : nullptr;
     with_unit(unit, [&](auto u) {
       if (lanes)
         lane_fwd_kernel<scalar_t, decltype(u)::value>(pr, qp, strides_of(query), kp, strides_of(key), vp,
-                                                      strides_of(value), out.data_ptr<scalar_t>(), lse.data_ptr<A>());
+                                                      strides_of(value), out.data_ptr<scalar_t>(), lse.data_ptr<A>(),
+                                                      pp, np > 0 ? &ps : nullptr);
       else
         fwd_kernel<scalar_t, decltype(u)::value>(pr, qp, strides_of(query), kp, strides_of(key), vp, strides_of(value),
                                                  out.data_ptr<scalar_t>(), lse.data_ptr<A>());
     });
   });
+  return {out, lse, probs};
+}
+
+std::tuple<at::Tensor, at::Tensor> na3d_fwd_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                const at::Tensor& value, at::IntArrayRef kernel_size,
+                                                c10::List<bool> causal_axes, bool raster_causal, bool shift_border,
+                                                at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
+  auto [out, lse, probs] = na3d_fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border,
+                                         stride, slab, scale, /*want_probs=*/false);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_probs_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, at::IntArrayRef kernel_size,
+    c10::List<bool> causal_axes, bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab,
+    double scale) {
+  return na3d_fwd_impl(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale,
+                       /*want_probs=*/true);
+}
+
+// probs: na3d_fwd_probs's third output (empty: none), read by the key pass instead of recomputing S.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& lse_in, const at::Tensor& delta_in, at::IntArrayRef kernel_size, c10::List<bool> causal_axes,
-    bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
+    const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& probs, at::IntArrayRef kernel_size,
+    c10::List<bool> causal_axes, bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab,
+    double scale) {
   check_inputs(query, key, value, kernel_size, causal_axes);
   TORCH_CHECK(query.device().is_cpu(), "na3d_bwd (CPU kernel): tensors must be on the CPU");
   const auto dtype = query.scalar_type();
@@ -1103,9 +1157,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
         // Small windows: the key pass stores dS for the query pass (DsStore), when the store is small.
         constexpr int L = kLanes<A>;
         const LaneGeom gq = lane_geom(pr), gk = lane_geom(pr, /*key_side=*/true);
-        const int64_t ds_elems = DsStore::elems<L>(pr, gq, gk);
-        const bool small = ds_elems * int64_t(sizeof(A)) <= kDsStoreBytes && ds_elems <= 4 * query.numel();
-        if (ds_elems > 0 && small && EntryTable::fits<L>(gq) && EntryTable::fits<L>(gk)) {
+        const int64_t ds_elems = lane_pair_store_elems<A>(pr, kDsPerQuery);
+        const A* p_in = nullptr;
+        if (probs.numel() > 0) {
+          TORCH_CHECK(probs.numel() == lane_pair_store_elems<A>(pr, kProbsPerQuery) && probs.numel() == ds_elems &&
+                          probs.scalar_type() == acc && probs.is_contiguous() && probs.device().is_cpu(),
+                      "na3d_bwd_probs: probs must be na3d_fwd_probs's third output for these arguments");
+          p_in = probs.const_data_ptr<A>();
+        }
+        if (ds_elems > 0) {
           DsStore st;
           st.init<L>(gk);
           A* buf = static_cast<A*>(pool_alloc(ds_elems * sizeof(A)));
@@ -1114,7 +1174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
             ~Free() { pool_free(p); }
           } free_buf{buf};
           lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
-                                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), buf, &st);
+                                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), buf, &st, p_in);
           lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
                                               dq.data_ptr<scalar_t>(), buf, &st);
           return;
@@ -1133,11 +1193,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
   return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& lse, const at::Tensor& delta, at::IntArrayRef kernel_size, c10::List<bool> causal_axes,
+    bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
+  return na3d_bwd_impl(grad_out, query, key, value, lse, delta, at::Tensor(), kernel_size, causal_axes, raster_causal,
+                       shift_border, stride, slab, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_probs_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& probs, at::IntArrayRef kernel_size,
+    c10::List<bool> causal_axes, bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab,
+    double scale) {
+  return na3d_bwd_impl(grad_out, query, key, value, lse, delta, probs, kernel_size, causal_axes, raster_causal,
+                       shift_border, stride, slab, scale);
+}
+
 }  // namespace
+
+int64_t na3d_probs_numel(at::IntArrayRef query_shape, at::IntArrayRef key_shape, at::IntArrayRef value_shape,
+                         at::ScalarType dtype, at::IntArrayRef kernel_size, c10::List<bool> causal_axes,
+                         bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab) {
+  const auto meta = [&](at::IntArrayRef shape) {
+    return at::empty(shape, at::TensorOptions().dtype(dtype).device(at::kMeta));
+  };
+  const at::Tensor query = meta(query_shape), key = meta(key_shape), value = meta(value_shape);
+  check_inputs(query, key, value, kernel_size, causal_axes);
+  if (query.numel() == 0 || key.numel() == 0 || value.numel() == 0) return 0;
+  const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride,
+                                  slab, 1.0);
+  return dtype == at::kDouble ? lane_pair_store_elems<double>(pr, kProbsPerQuery)
+                              : lane_pair_store_elems<float>(pr, kProbsPerQuery);
+}
+
 }  // namespace cpu
 }  // namespace nuwa
 
 TORCH_LIBRARY_IMPL(nuwa_kernels, CPU, m) {
   m.impl("na3d_fwd", &nuwa::cpu::na3d_fwd_cpu);
   m.impl("na3d_bwd", &nuwa::cpu::na3d_bwd_cpu);
+  m.impl("na3d_fwd_probs", &nuwa::cpu::na3d_fwd_probs_cpu);
+  m.impl("na3d_bwd_probs", &nuwa::cpu::na3d_bwd_probs_cpu);
 }

@@ -3,7 +3,8 @@
 The ops are declared in ``csrc/ops.cpp`` and implemented per dispatch key (CPU in ``csrc/cpu/``, CUDA in
 ``csrc/cuda/``); their autograd is C++ too (``csrc/autograd.cpp``). Registered here, once, when this module
 is first imported and the extension loaded (both backends import it, so neither registers twice): the
-fake kernels (:mod:`nuwa_kernels._ops`, and ``na3d_delta``'s) and the Python kernel of
+fake kernels (:mod:`nuwa_kernels._ops`, and ``na3d_delta``'s and the CPU pair ``na3d_fwd_probs`` /
+``na3d_bwd_probs``'s) and the Python kernel of
 ``na3d_bwd_recompute``, the differentiable backward the C++ autograd calls under ``create_graph=True``.
 """
 
@@ -19,6 +20,8 @@ FWD_NAME = "nuwa_kernels::na3d_fwd"
 BWD_NAME = "nuwa_kernels::na3d_bwd"
 DELTA_NAME = "nuwa_kernels::na3d_delta"
 RECOMPUTE_NAME = "nuwa_kernels::na3d_bwd_recompute"
+FWD_PROBS_NAME = "nuwa_kernels::na3d_fwd_probs"
+BWD_PROBS_NAME = "nuwa_kernels::na3d_bwd_probs"
 
 _registered = False
 
@@ -38,6 +41,8 @@ def ensure_registered() -> bool:
         # autograd: C++ (csrc/autograd.cpp); its double-backward path calls na3d_bwd_recompute
         _ops.register_fakes(FWD_NAME, BWD_NAME)
         torch.library.register_fake(DELTA_NAME)(_fake_delta)
+        torch.library.register_fake(FWD_PROBS_NAME)(_fake_fwd_probs)
+        torch.library.register_fake(BWD_PROBS_NAME)(_fake_bwd_probs)
         torch.library.impl(RECOMPUTE_NAME, "CompositeImplicitAutograd")(_recompute)
         # built here, at import, not on first use: torch.compile guards on the module global, and a pair
         # created inside the first compiled call would make the next call recompile. Eager calls take
@@ -78,6 +83,20 @@ def _recompute(query, key, value, grad_out, grad_lse, *window_args_and_scale):
     autograd's backward under ``create_graph=True``): the reference's recomputation, differentiated."""
     grads = _ops._differentiable_backward(query, key, value, grad_out, grad_lse, window_args_and_scale)
     return tuple(g if g is not None else torch.zeros_like(t) for g, t in zip(grads, (query, key, value)))
+
+
+def _fake_fwd_probs(query, key, value, *window_args_and_scale):
+    """``na3d_fwd_probs``: ``(out, lse, probs)``, ``probs`` 1-D with the CPU kernel's element count for these
+    shapes (``na3d_probs_numel``; the shapes are specialised)."""
+    out, lse = _ops._fake_fwd(query, key, value)
+    n = torch.ops.nuwa_kernels.na3d_probs_numel.default(
+        [int(s) for s in query.shape], [int(s) for s in key.shape], [int(s) for s in value.shape], query.dtype,
+        *window_args_and_scale[:-1])
+    return out, lse, query.new_empty((n,), dtype=_ops.accum_dtype(query.dtype))
+
+
+def _fake_bwd_probs(grad_out, query, key, value, lse, delta, probs, *window_args_and_scale):
+    return _ops._fake_bwd(grad_out, query, key, value, lse, delta)
 
 
 def _fake_delta(grad_out, out, grad_lse=None):
