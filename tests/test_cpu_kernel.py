@@ -481,6 +481,7 @@ def test_probs_pair_matches_the_recomputing_backward(case, dtype):
     ref_out, ref_lse = torch.ops.nuwa_kernels.na3d_fwd(q, k, v, *rest)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     assert probs.dtype == dtype and probs.dim() == 1 and probs.numel() == _probs_numel(q, k, v, rest) > 0
+    assert torch.equal(probs, torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)[2])  # all of it written
     queries = lse.numel()
     assert (probs >= 0).all()
     assert abs(probs.double().sum().item() - queries) < TOLERANCE[dtype] * queries
@@ -507,9 +508,9 @@ def test_probs_pair_opcheck():
 
 
 def test_probs_pair_sizes_and_errors():
-    """No probabilities where the lanes do not keep them (a (7,7,7) window: more than the query's size;
-    head dims not in whole vectors); probabilities of another call are refused."""
-    big = Case("probs-777", (7, 9, 11), kernel_size=7, D=64, B=1)
+    """No probabilities where the lanes do not keep them (a (7,7,7) window: 5.7x the query's size, over the
+    default bound; head dims not in whole vectors); probabilities of another call are refused."""
+    big = LANE_CASES[-1]
     odd = Case("probs-odd-dim", (4, 9, 11), D=24, B=1)
     for case in (big, odd):
         q, k, v, *rest = _op_args(case)
@@ -520,6 +521,24 @@ def test_probs_pair_sizes_and_errors():
     delta = torch.zeros_like(lse)
     with pytest.raises(RuntimeError, match="probs"):
         torch.ops.nuwa_kernels.na3d_bwd_probs(out, q, k, v, lse, delta, probs[:-1], *rest)
+
+
+def test_probs_bound_from_the_environment():
+    """NUWA_CPU_PROBS=0: the forward keeps no probabilities and autograd's backward recomputes them (the
+    same gradients); NUWA_CPU_PROBS=1 keeps those of (3,3,3) (0.43x the query) but not of (7,7,7) (5.7x)."""
+    code = """
+import torch, nuwa_kernels as nk
+from nuwa_kernels import _ops
+q = torch.randn(1, 7, 9, 11, 2, 64, dtype=torch.float64)
+for ks in (3, 7):
+    args = _ops.spec_op_args(nk.window.make_window_spec(q.shape[1:4], q.shape[1:4], ks)) + (0.125,)
+    print(torch.ops.nuwa_kernels.na3d_fwd_probs(q, q, q, *args)[2].numel() > 0)
+"""
+    for bound, want in (("0", ["False", "False"]), ("1", ["True", "False"]), ("8", ["True", "True"])):
+        res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUWA_CPU_PROBS=bound),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == want, bound
 
 
 def test_probs_pair_through_autograd_retain_graph():

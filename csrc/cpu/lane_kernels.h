@@ -511,6 +511,8 @@ struct DsStore {
   }
   // Element of key 0 in the rows of (b, head).
   int64_t base(int64_t b, int64_t head, int64_t heads) const { return (b * heads + head) * rows * ld + kPad; }
+  // Elements of the rows of one (batch, head), from base(b, head, heads) - kPad.
+  int64_t head_elems() const { return rows * ld; }
 };
 
 // The DsStore row of every entry of a built table: the entry's offsets (key side: key -> query), or the
@@ -785,7 +787,8 @@ inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P,
 }
 
 // probs (optional): every pair's probability, stored in the DsStore layout `ps` for the backward's key
-// pass (the elements of pairs outside the windows are not written).
+// pass; the elements of no pair are zeroed (by the task that owns a head's rows when each head is one
+// task, the rows then still in cache for its stores; up front otherwise).
 template <typename S, bool kUnit>
 void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
                      acc_t<S>* lse, acc_t<S>* probs = nullptr, const DsStore* ps = nullptr) {
@@ -809,6 +812,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   EntryTable et;
   et.build<L>(pr, g);
   const std::vector<int32_t> psr = probs ? ds_rows(et, g, *ps, /*query_side=*/true) : std::vector<int32_t>();
+  if (probs && nch > 1) std::fill(probs, probs + pr.B * heads * ps->head_elems(), A(0));
   const bool stream_out = stream_rows<S, A>(out, double(pr.B) * heads * g.Nq, Dv);
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
@@ -829,6 +833,9 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
     uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
     const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
+    if (probs && nch == 1)
+      std::fill(probs + ps->base(b, gh * group, heads) - DsStore::kPad,
+                probs + ps->base(b, (gh + 1) * group, heads) - DsStore::kPad, A(0));
     TransposedRing<S, kUnit, A> kr;
     RowRing<S, kUnit, A> vr;
     kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);

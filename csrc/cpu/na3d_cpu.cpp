@@ -992,11 +992,20 @@ inline bool lanes_enabled() {
 }
 
 // Pair stores (DsStore layout) per query element. The dS store lives within one backward call; the
-// probabilities of na3d_fwd_probs are kept from the forward to the backward (activation memory), so they
-// get a tighter bound: on 10x21x21 with D=64 and truncated borders, (3,3,3) takes 0.43x the query's
-// elements, (1,3,3) 0.15x, (7,7,7) 5.4x (dS store only).
+// probabilities of na3d_fwd_probs are kept from the forward to the backward (activation memory: on
+// 10x21x21 with D=64 and truncated borders, (3,3,3) keeps 0.43x the query's elements, (1,3,3) 0.15x,
+// (7,7,7) 5.4x), at most NUWA_CPU_PROBS times the query's elements (default 1, read once; 0: never, the
+// backward then recomputes the scores). (7,7,7) is left out by default: keeping its probabilities (NUWA_CPU_PROBS=8)
+// measured no faster on the 2-core EPYC (fwd+bwd 84-91 ms either way: reading 48 MB back costs what the
+// scores' product does), for 5.4x the query's size of activation memory.
 constexpr int64_t kDsPerQuery = 8;
-constexpr int64_t kProbsPerQuery = 1;
+inline int64_t probs_per_query() {
+  static const int64_t n = [] {
+    const char* e = std::getenv("NUWA_CPU_PROBS");
+    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(1);
+  }();
+  return n;
+}
 
 // The elements of a pair store of this problem in the lane kernels (accumulation type A) when the lanes
 // run it, its offsets decompose, both entry tables are built, and it holds at most per_query times the
@@ -1035,7 +1044,7 @@ inline void with_unit(bool unit, const F& f) {
 }
 
 // (out, lse, probs): probs, with want_probs, every pair's probability for the backward's key pass (a
-// DsStore of kProbsPerQuery at most; pairs outside the windows 0), else (and when there is none) empty.
+// DsStore of probs_per_query() at most; pairs outside the windows 0), else (and when there is none) empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_impl(const at::Tensor& query, const at::Tensor& key,
                                                              const at::Tensor& value, at::IntArrayRef kernel_size,
                                                              c10::List<bool> causal_axes, bool raster_causal,
@@ -1064,13 +1073,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_impl(const at::Tensor& q
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
     const bool lanes = lanes_enabled() && lane_ok<A>(pr);
-    const int64_t np = want_probs ? lane_pair_store_elems<A>(pr, kProbsPerQuery) : 0;
+    const int64_t np = want_probs ? lane_pair_store_elems<A>(pr, probs_per_query()) : 0;
     DsStore ps;
     if (np > 0) {
       constexpr int L = kLanes<A>;
       ps.init<L>(lane_geom(pr, /*key_side=*/true));
-      probs = pooled_empty({np}, query.options().dtype(acc_type(dtype)));
-      probs.zero_();  // the elements of no pair (and the pads): deterministic
+      probs = pooled_empty({np}, query.options().dtype(acc_type(dtype)));  // zeroed by the kernel
     }
     A* pp = np > 0 ? probs.data_ptr<A>() : nullptr;
     with_unit(unit, [&](auto u) {
@@ -1160,7 +1168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
         const int64_t ds_elems = lane_pair_store_elems<A>(pr, kDsPerQuery);
         const A* p_in = nullptr;
         if (probs.numel() > 0) {
-          TORCH_CHECK(probs.numel() == lane_pair_store_elems<A>(pr, kProbsPerQuery) && probs.numel() == ds_elems &&
+          TORCH_CHECK(probs.numel() == lane_pair_store_elems<A>(pr, probs_per_query()) && probs.numel() == ds_elems &&
                           probs.scalar_type() == acc && probs.is_contiguous() && probs.device().is_cpu(),
                       "na3d_bwd_probs: probs must be na3d_fwd_probs's third output for these arguments");
           p_in = probs.const_data_ptr<A>();
@@ -1223,8 +1231,8 @@ int64_t na3d_probs_numel(at::IntArrayRef query_shape, at::IntArrayRef key_shape,
   if (query.numel() == 0 || key.numel() == 0 || value.numel() == 0) return 0;
   const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride,
                                   slab, 1.0);
-  return dtype == at::kDouble ? lane_pair_store_elems<double>(pr, kProbsPerQuery)
-                              : lane_pair_store_elems<float>(pr, kProbsPerQuery);
+  return dtype == at::kDouble ? lane_pair_store_elems<double>(pr, probs_per_query())
+                              : lane_pair_store_elems<float>(pr, probs_per_query());
 }
 
 }  // namespace cpu
