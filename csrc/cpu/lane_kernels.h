@@ -530,6 +530,60 @@ inline std::vector<int32_t> ds_rows(const EntryTable& et, const LaneGeom& g, con
   return r;
 }
 
+// The entry table of one side of a problem and, with a pair store, its DsStore rows: built once per window
+// geometry and kept for the calls that follow (a training step's forward and backward, the next steps).
+// Building them is serial work (tenths of a millisecond on NÜWA's video grid) that every call repeated
+// while the other threads waited.
+struct LaneTables {
+  EntryTable et;
+  std::vector<int32_t> rows;  // ds_rows(et, ...) when built with a store
+  bool has_rows = false;
+  int64_t bytes() const {
+    return int64_t(et.shift.size() * sizeof(int64_t) + et.mask.size() * sizeof(uint32_t) +
+                   et.count.size() * sizeof(int64_t) + rows.size() * sizeof(int32_t));
+  }
+};
+
+// Tables kept per instantiation of lane_tables: the most recent geometries, this many bytes at most.
+constexpr int64_t kLaneTablesBytes = int64_t(64) << 20;
+
+// The tables of side kKeySide (g: its geometry) of problem pr; with `st`, their DsStore rows too.
+template <int L, bool kKeySide>
+std::shared_ptr<const LaneTables> lane_tables(const Problem& pr, const LaneGeom& g, const DsStore* st) {
+  using Entry = std::pair<std::vector<int64_t>, std::shared_ptr<const LaneTables>>;
+  static std::mutex mu;
+  static std::list<Entry> cache;  // most recently used first
+  const WindowParams& p = pr.p;
+  std::vector<int64_t> key = {int64_t(p.raster), int64_t(p.shift)};
+  for (int a = 0; a < 3; ++a)
+    for (int64_t x : {p.q_len[a], p.k_len[a], p.kernel[a], p.stride[a], int64_t(p.causal[a]), p.q_org[a], p.k_org[a],
+                      p.q_full[a], p.k_full[a]})
+      key.push_back(x);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto it = cache.begin(); it != cache.end(); ++it)
+      if (it->first == key && (!st || it->second->has_rows)) {
+        cache.splice(cache.begin(), cache, it);
+        return cache.front().second;
+      }
+  }
+  auto t = std::make_shared<LaneTables>();
+  t->et.build<L, kKeySide>(pr, g);
+  if (st) {
+    t->rows = ds_rows(t->et, g, *st, /*query_side=*/!kKeySide);
+    t->has_rows = true;
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  cache.remove_if([&](const Entry& e) { return e.first == key; });
+  cache.emplace_front(std::move(key), t);
+  int64_t total = 0;
+  for (auto it = cache.begin(); it != cache.end();) {
+    total += it->second->bytes();
+    it = (total > kLaneTablesBytes && it != cache.begin()) ? cache.erase(it) : std::next(it);
+  }
+  return t;
+}
+
 // *p = v on the lanes set in `mask` (the other elements of p untouched).
 template <typename A>
 inline void vst_masked(A* p, const Vec<A>& v, uint32_t mask) {
@@ -809,9 +863,9 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
   const int64_t scratch = D * ring + RowRing<S, kUnit, A>::elems(g, L, Dv) + D * L + sbuf + L * X + 2 * L;
-  EntryTable et;
-  et.build<L>(pr, g);
-  const std::vector<int32_t> psr = probs ? ds_rows(et, g, *ps, /*query_side=*/true) : std::vector<int32_t>();
+  const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, probs ? ps : nullptr);
+  const EntryTable& et = tables->et;
+  const std::vector<int32_t>& psr = tables->rows;
   if (probs && nch > 1) std::fill(probs, probs + pr.B * heads * ps->head_elems(), A(0));
   const bool stream_out = stream_rows<S, A>(out, double(pr.B) * heads * g.Nq, Dv);
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
@@ -935,6 +989,9 @@ inline void transposed_block(A* dst, const HeadRows<S>& hr, bool direct, int64_t
     for (int64_t d = 0; d < hr.X; ++d) vst(dst + d * L, vld(dst + d * L) * factor);
 }
 
+// How many blocks ahead the query pass prefetches the dS store's rows.
+constexpr int64_t kDsAhead = 2;
+
 template <typename S, bool kUnit>
 void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                         const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
@@ -955,9 +1012,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t scratch =
       (D + Dv) * ring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
-  EntryTable et;
-  et.build<L>(pr, g);
-  const std::vector<int32_t> dsr = ds_in ? ds_rows(et, g, *ds, /*query_side=*/true) : std::vector<int32_t>();
+  const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in ? ds : nullptr);
+  const EntryTable& et = tables->et;
+  const std::vector<int32_t>& dsr = tables->rows;
   const bool stream_dq = stream_rows<S, A>(dq, double(pr.B) * heads * g.Nq, D);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
@@ -1002,6 +1059,12 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
         if (ds_in) {  // dS from the key pass; masked lanes read other pairs' (or unwritten) slots: zeroed
           const A* dsb = ds_in + ds->base(b, head, heads) + q0;
           const int32_t* rr = dsr.data() + (q0 / L) * et.stride;
+          if (q0 + kDsAhead * L < qb) {  // the rows' next lines, kDsAhead blocks ahead (one stream per row)
+            const int64_t bi = q0 / L + kDsAhead;
+            const int64_t* sh = et.shift.data() + bi * et.stride;
+            const int32_t* ra = dsr.data() + bi * et.stride;
+            for (int64_t e = 0; e < et.count[bi]; ++e) prefetch_l2(dsb + kDsAhead * L + ra[e] * ds->ld + sh[e] + L - 1);
+          }
           for (int64_t e = 0; e < n; ++e) {
             const Vec<A> x = vld(dsb + rr[e] * ds->ld + shift[e]);
             vst(Pb + e * L, lane_mask<A>(mask[e]) ? x : Vec<A>{});
@@ -1068,10 +1131,9 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
                                    RowRing<S, kUnit, A>::elems(g, L, Dv)) +
                           (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0);
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
-  EntryTable et;
-  et.build<L, true>(pr, g);
-  const std::vector<int32_t> dsr =
-      ds_out || p_in ? ds_rows(et, g, *ds, /*query_side=*/false) : std::vector<int32_t>();
+  const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out || p_in ? ds : nullptr);
+  const EntryTable& et = tables->et;
+  const std::vector<int32_t>& dsr = tables->rows;
   const bool stream_dkv = stream_rows<S, A>(dk, double(pr.B) * heads_kv * g.Nq, D) &&
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * g.Nq, Dv);
   const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);

@@ -46,6 +46,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <new>
 #include <tuple>
 #include <type_traits>
