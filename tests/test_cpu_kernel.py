@@ -461,6 +461,23 @@ def test_lane_kernels_thread_count_invariant(case):
         assert torch.equal(a, b)
 
 
+def test_lane_tables_follow_the_window_geometry():
+    """The lane kernels keep each window geometry's entry tables (and pair-store rows) across calls:
+    geometries alternating on one grid (window sizes, causal modes, borders, key grids) each get theirs."""
+    grid = (3, 7, 13)
+    cases = [Case("tables-333", grid, D=64, B=1), Case("tables-335", grid, kernel_size=(3, 3, 5), D=64, B=1),
+             Case("tables-raster", grid, causal=True, D=64, B=1), Case("tables-shift", grid, border="shift", D=64, B=1),
+             Case("tables-kv-frames", grid, (2, 7, 13), D=64, B=1)]
+    for _ in range(2):
+        for case in cases:
+            q, k, v = case.inputs(torch.float64, requires_grad=True)
+            out, lse = run_cpu(case, q, k, v)
+            qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
+            ref_out, ref_lse = run_oracle(case, qd, kd, vd)
+            assert rel_err(out, ref_out) < TOLERANCE[torch.float64], case.id
+            _assert_grads_match(out, lse, (q, k, v), ref_out, ref_lse, (qd, kd, vd), TOLERANCE[torch.float64])
+
+
 # The probabilities the CPU forward keeps for the backward (na3d_fwd_probs / na3d_bwd_probs: small windows,
 # what csrc/autograd.cpp calls for CPU tensors that need gradients).
 PROBS_CASES = [LANE_CASES[-3], LANE_CASES[-2], Case("probs-image-133", (1, 13, 21), kernel_size=(1, 3, 3), D=64, B=1)]

@@ -134,9 +134,10 @@ inline A hmax(const Vec<A>& v) {
   return m;
 }
 
-// dst[d * ld + i] = src[i * rs + d] for i < rows (<= L), d < D; lanes rows..L-1 are set to 0.
+// dst[d * ld + i] = factor * src[i * rs + d] for i < rows (<= L), d < D; lanes rows..L-1 are set to 0.
 template <typename A>
-inline void transpose_rows(A* __restrict dst, int64_t ld, const A* __restrict src, int64_t rs, int rows, int64_t D) {
+inline void transpose_rows(A* __restrict dst, int64_t ld, const A* __restrict src, int64_t rs, int rows, int64_t D,
+                           A factor = A(1)) {
   constexpr int L = kLanes<A>;
   int64_t d0 = 0;
 #if defined(__AVX512F__)
@@ -168,6 +169,8 @@ inline void transpose_rows(A* __restrict dst, int64_t ld, const A* __restrict sr
           r[8 + e] = _mm512_shuffle_f32x4(t[e], t[e + 8], 0xDD);
           r[12 + e] = _mm512_shuffle_f32x4(t[e + 4], t[e + 12], 0xDD);
         }
+        if (factor != 1.0f)
+          for (int i = 0; i < 16; ++i) r[i] = _mm512_mul_ps(r[i], _mm512_set1_ps(factor));
         float* dp = dst + d0 * ld;
         for (int i = 0; i < 16; ++i, dp += ld) _mm512_storeu_ps(dp, r[i]);
       }
@@ -176,7 +179,7 @@ inline void transpose_rows(A* __restrict dst, int64_t ld, const A* __restrict sr
 #endif
   for (int64_t d = d0; d < D; ++d) {
     A* y = dst + d * ld;
-    for (int i = 0; i < rows; ++i) y[i] = src[i * rs + d];
+    for (int i = 0; i < rows; ++i) y[i] = factor * src[i * rs + d];
     for (int i = rows; i < L; ++i) y[i] = A(0);
   }
 }
@@ -912,8 +915,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g.H, g.W);
         // Q^T of the block, scaled.
         const TokenRows<S, kUnit, A> qr = token_rows<kUnit>(qh, qflat, q0, q0 + nv, g.H, g.W, tmp);
-        transpose_rows(Qt, L, qr.p, qr.rs, nv, D);
-        for (int64_t d = 0; d < D; ++d) vst(Qt + d * L, vld(Qt + d * L) * scale);
+        transpose_rows(Qt, L, qr.p, qr.rs, nv, D, scale);
         lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
         // Softmax per lane over the valid entries; masked lanes get probability 0.
         Vec<A> mx = ninf;
@@ -984,9 +986,7 @@ inline void transposed_block(A* dst, const HeadRows<S>& hr, bool direct, int64_t
                              A factor, A* tmp) {
   constexpr int L = kLanes<A>;
   const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, a + nv, H, W, tmp);
-  transpose_rows(dst, L, tr.p, tr.rs, nv, hr.X);
-  if (factor != A(1))
-    for (int64_t d = 0; d < hr.X; ++d) vst(dst + d * L, vld(dst + d * L) * factor);
+  transpose_rows(dst, L, tr.p, tr.rs, nv, hr.X, factor);
 }
 
 // How many blocks ahead the query pass prefetches the dS store's rows.
