@@ -516,6 +516,23 @@ struct DsStore {
   int64_t base(int64_t b, int64_t head, int64_t heads) const { return (b * heads + head) * rows * ld + kPad; }
   // Elements of the rows of one (batch, head), from base(b, head, heads) - kPad.
   int64_t head_elems() const { return rows * ld; }
+  // The query-side flat shift (key = query + shift) of row r: minus its offsets' flat shift on grid g.
+  int64_t query_shift(const LaneGeom& g, int64_t r) const {
+    const int64_t dw = r % nw + lo[2], dh = (r / nw) % nh + lo[1], dt = r / (nw * nh) + lo[0];
+    return -(dt * g.HW + dh * g.W + dw);
+  }
+  // Zeroes the elements of one (batch, head)'s rows (hb: base(b, head, heads)) that no query block owns:
+  // block q0 owns, in row r, the L elements of keys q0 + qshift[r] + [0, L) (their pairs' queries are
+  // its lanes); nq: the queries rounded up to whole blocks.
+  template <typename A>
+  void zero_unowned(A* hb, const int64_t* qshift, int64_t nq) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      A* row = hb + r * ld;
+      const int64_t a = std::clamp(qshift[r], -kPad, ld - kPad), b = std::clamp(qshift[r] + nq, -kPad, ld - kPad);
+      std::fill(row - kPad, row + a, A(0));
+      std::fill(row + b, row + ld - kPad, A(0));
+    }
+  }
 };
 
 // The DsStore row of every entry of a built table: the entry's offsets (key side: key -> query), or the
@@ -844,8 +861,8 @@ inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P,
 }
 
 // probs (optional): every pair's probability, stored in the DsStore layout `ps` for the backward's key
-// pass; the elements of no pair are zeroed (by the task that owns a head's rows when each head is one
-// task, the rows then still in cache for its stores; up front otherwise).
+// pass. Every block writes all the elements it owns (DsStore::zero_unowned), zeros where its lanes have
+// no pair: each element is written once, no clearing pass.
 template <typename S, bool kUnit>
 void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides ks, const S* v, Strides vs, S* out,
                      acc_t<S>* lse, acc_t<S>* probs = nullptr, const DsStore* ps = nullptr) {
@@ -869,7 +886,12 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, probs ? ps : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& psr = tables->rows;
-  if (probs && nch > 1) std::fill(probs, probs + pr.B * heads * ps->head_elems(), A(0));
+  std::vector<int64_t> pshift(probs ? ps->rows : 0);
+  for (int64_t r = 0; r < static_cast<int64_t>(pshift.size()); ++r) pshift[r] = ps->query_shift(g, r);
+  const int64_t nq_blocks = round_up(g.Nq, L);
+  if (probs)
+    for (int64_t bh = 0; bh < pr.B * heads; ++bh)
+      ps->zero_unowned(probs + ps->base(bh / heads, bh % heads, heads), pshift.data(), nq_blocks);
   const bool stream_out = stream_rows<S, A>(out, double(pr.B) * heads * g.Nq, Dv);
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
@@ -890,9 +912,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
     uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
     const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
-    if (probs && nch == 1)
-      std::fill(probs + ps->base(b, gh * group, heads) - DsStore::kPad,
-                probs + ps->base(b, (gh + 1) * group, heads) - DsStore::kPad, A(0));
+    std::vector<int32_t> prow_entry(pshift.size());  // the block's entry of each row of the store, or -1
     TransposedRing<S, kUnit, A> kr;
     RowRing<S, kUnit, A> vr;
     kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
@@ -940,11 +960,24 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           A* lp = lse + (b * g.Nq + q0) * heads + head;
           for (int i = 0; i < nv; ++i) lp[i * heads] = lv[i];
         }
-        if (probs) {  // P = p / l of the valid lanes: an unaligned masked store per entry
+        if (probs) {  // P = p / l (0 on masked lanes) into every row's owned elements, 0 in rows without entry
           A* pb = probs + ps->base(b, head, heads) + q0;
           const int32_t* rr = psr.data() + (q0 / L) * et.stride;
           const Vec<A> il = vld(inv_l);
-          for (int64_t e = 0; e < n; ++e) vst_masked(pb + rr[e] * ps->ld + shift[e], vld(Sb + e * L) * il, mask[e]);
+          std::fill(prow_entry.begin(), prow_entry.end(), -1);
+          for (int64_t e = 0; e < n; ++e) prow_entry[rr[e]] = static_cast<int32_t>(e);
+          for (int64_t r = 0; r < ps->rows; ++r) {
+            const Vec<A> x = prow_entry[r] >= 0 ? vld(Sb + prow_entry[r] * L) * il : Vec<A>{};
+            const int64_t k0 = q0 + pshift[r];  // key of lane 0
+            A* dst = pb + r * ps->ld + pshift[r];
+            if (k0 >= -DsStore::kPad && k0 + L <= ps->ld - DsStore::kPad) {
+              vst(dst, x);
+            } else {  // a row end: the lanes inside the row
+              uint32_t m = 0;
+              for (int i = 0; i < L; ++i) m |= uint32_t(k0 + i >= -DsStore::kPad && k0 + i < ps->ld - DsStore::kPad) << i;
+              vst_masked(dst, x, m);
+            }
+          }
         }
         // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
