@@ -90,15 +90,24 @@ std::tuple<at::Tensor, at::Tensor> window_table(int64_t q_len, int64_t k_len, in
   return {win, inv};
 }
 
-// Row dot products of contiguous CPU rows, accumulated in acc_t (float, or double for double inputs).
+// Row dot products of contiguous CPU rows, accumulated in acc_t (float, or double for double inputs):
+// kParts interleaved partial sums (one vector register's worth, which the compiler keeps in one; a
+// single chain of scalar adds made this pass latency-bound), then their sum in a fixed order.
 template <typename scalar_t, typename acc_t>
 void rowsum_product(const scalar_t* g, const scalar_t* o, acc_t* d, int64_t rows, int64_t dim) {
+  constexpr int kParts = 64 / sizeof(acc_t);
   at::parallel_for(0, rows, 2048 / std::max<int64_t>(dim, 1) + 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* gr = g + r * dim;
       const scalar_t* orow = o + r * dim;
+      acc_t part[kParts] = {};
+      int64_t i = 0;
+      for (; i + kParts <= dim; i += kParts)
+        for (int j = 0; j < kParts; ++j)
+          part[j] += static_cast<acc_t>(gr[i + j]) * static_cast<acc_t>(orow[i + j]);
       acc_t s = 0;
-      for (int64_t i = 0; i < dim; ++i) s += static_cast<acc_t>(gr[i]) * static_cast<acc_t>(orow[i]);
+      for (int j = 0; j < kParts; ++j) s += part[j];
+      for (; i < dim; ++i) s += static_cast<acc_t>(gr[i]) * static_cast<acc_t>(orow[i]);
       d[r] = s;
     }
   });

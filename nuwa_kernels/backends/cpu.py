@@ -3,6 +3,11 @@
 Runs ``nuwa_kernels::na3d_fwd`` / ``na3d_bwd`` on CPU tensors of dtype float32, float64, bfloat16 or
 float16 (half types computed in float32), any strides, any head dim. Each query visits only the keys of
 its window; backward is deterministic. Threads: ``torch.set_num_threads``.
+
+When the inputs need gradients, autograd runs ``na3d_fwd_probs`` / ``na3d_bwd_probs`` instead: for small
+windows the forward also keeps every pair's probability for the backward (activation memory of at most
+``NUWA_CPU_PROBS`` times the query's size, default 1, read at the first call; ``0`` keeps none and the
+backward recomputes the scores).
 """
 
 from __future__ import annotations
