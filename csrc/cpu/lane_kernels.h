@@ -567,11 +567,25 @@ struct LaneTables {
 // Tables kept per instantiation of lane_tables: the most recent geometries, this many bytes at most.
 constexpr int64_t kLaneTablesBytes = int64_t(64) << 20;
 
+// The lock of the lane-table caches. The forking thread holds it across fork() (atfork handlers, as the
+// block pool's), so a child never inherits it locked by a thread it does not have.
+inline std::mutex& lane_tables_mutex() {
+  static std::mutex* m = [] {
+    auto* x = new std::mutex();  // never destroyed: calls may run during interpreter shutdown
+#ifndef _WIN32
+    pthread_atfork([] { lane_tables_mutex().lock(); }, [] { lane_tables_mutex().unlock(); },
+                   [] { lane_tables_mutex().unlock(); });
+#endif
+    return x;
+  }();
+  return *m;
+}
+
 // The tables of side kKeySide (g: its geometry) of problem pr; with `st`, their DsStore rows too.
 template <int L, bool kKeySide>
 std::shared_ptr<const LaneTables> lane_tables(const Problem& pr, const LaneGeom& g, const DsStore* st) {
   using Entry = std::pair<std::vector<int64_t>, std::shared_ptr<const LaneTables>>;
-  static std::mutex mu;
+  std::mutex& mu = lane_tables_mutex();
   static std::list<Entry> cache;  // most recently used first
   const WindowParams& p = pr.p;
   std::vector<int64_t> key = {int64_t(p.raster), int64_t(p.shift)};

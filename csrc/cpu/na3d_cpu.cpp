@@ -57,6 +57,9 @@
 #if defined(__AVX__)
 #include <immintrin.h>
 #endif
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 
 #include "block_pool.h"
 #include "pair_store.h"
