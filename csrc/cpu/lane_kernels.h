@@ -474,10 +474,10 @@ inline void lane_pv(A* __restrict Ot, const A* __restrict c, const A* __restrict
 // query pass, which then skips its recomputation of S and dP (two of its three products, the transposes
 // of Q and dO and the K^T / V^T rings); and P, written by the forward (na3d_fwd_probs) and read by the key
 // pass, which then skips S (a product, the Q^T and lse rings, the exponentials). For small windows the
-// backward's products go from 9 to 4. Layout per (batch,
-// head): one row per relative offset (dt, dh, dw) of the key side's box (key -> query), over the keys
-// (flat key index + kPad, so that the masked lanes of border blocks stay inside the row): a key block's
-// entry is one contiguous vector store, a query block's entry (the opposite offset) one vector load.
+// backward's products go from 9 to 4. Layout per (batch, head): one row per relative offset (dt, dh, dw)
+// of the key side's box (key -> query), over the keys (flat key index + kPad, so that the masked lanes of
+// border blocks stay inside the row): a key block's entry is one contiguous vector store, a query block's
+// entry (the opposite offset) one vector load.
 struct DsStore {
   static constexpr int64_t kPad = 16;  // key 0 sits at this element of a row (>= L of float and double)
   int64_t nh = 0, nw = 0;     // the key side's box extents along H and W
@@ -940,6 +940,11 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
       const uint32_t* mask;
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       kr.slots(q0, shift, n, col);
+      if (probs) {  // the block's entry of each row of the store (shared by the group's heads)
+        const int32_t* rr = psr.data() + (q0 / L) * et.stride;
+        std::fill(prow_entry.begin(), prow_entry.end(), -1);
+        for (int64_t e = 0; e < n; ++e) prow_entry[rr[e]] = static_cast<int32_t>(e);
+      }
       // Grouped heads share the block's keys, values and entries.
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         const HeadRows<S> qh = head_rows(q, qs, b, head, D);
@@ -976,10 +981,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         }
         if (probs) {  // P = p / l (0 on masked lanes) into every row's owned elements, 0 in rows without entry
           A* pb = probs + ps->base(b, head, heads) + q0;
-          const int32_t* rr = psr.data() + (q0 / L) * et.stride;
           const Vec<A> il = vld(inv_l);
-          std::fill(prow_entry.begin(), prow_entry.end(), -1);
-          for (int64_t e = 0; e < n; ++e) prow_entry[rr[e]] = static_cast<int32_t>(e);
           for (int64_t r = 0; r < ps->rows; ++r) {
             const Vec<A> x = prow_entry[r] >= 0 ? vld(Sb + prow_entry[r] * L) * il : Vec<A>{};
             const int64_t k0 = q0 + pshift[r];  // key of lane 0
@@ -1254,22 +1256,20 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         qrow[j].advance(k0 + L + g.smax);
         grow[j].advance(k0 + L + g.smax);
         lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
-        if (p_in) {  // P from the forward; masked lanes read elements of no pair: zeroed
+        // P into Sb (0 on masked lanes): from the forward (masked lanes read elements of no pair), or
+        // recomputed from S; then dS = P (dP - delta) into Pb.
+        if (p_in) {
           const A* pb = p_in + ds->base(b, gh * group + j, pr.heads) + k0;
-          for (int64_t e = 0; e < n; ++e) {
-            const Vec<A> p = lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld) : Vec<A>{};
-            vst(Sb + e * L, p);
-            vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
-          }
+          for (int64_t e = 0; e < n; ++e) vst(Sb + e * L, lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld) : Vec<A>{});
         } else {
           lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
           for (int64_t e = 0; e < n; ++e) {
-            const Vec<A> p0 = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
-            const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
-            vst(Sb + e * L, p);
-            vst(Pb + e * L, p * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+            const Vec<A> p = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
+            vst(Sb + e * L, lane_mask<A>(mask[e]) ? p : Vec<A>{});
           }
         }
+        for (int64_t e = 0; e < n; ++e)
+          vst(Pb + e * L, vld(Sb + e * L) * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
         if (ds_out) {
           A* dsb = ds_out + ds->base(b, gh * group + j, pr.heads) + k0;
           for (int64_t e = 0; e < n; ++e) vst(dsb + rr[e] * ds->ld, vld(Pb + e * L));

@@ -1001,14 +1001,14 @@ inline bool lanes_enabled() {
 // probabilities of na3d_fwd_probs are kept from the forward to the backward (activation memory: on
 // 10x21x21 with D=64 and truncated borders, (3,3,3) keeps 0.43x the query's elements, (1,3,3) 0.15x,
 // (7,7,7) 5.4x), at most NUWA_CPU_PROBS times the query's elements (default 1, read once; 0: never, the
-// backward then recomputes the scores). (7,7,7) is left out by default: keeping its probabilities (NUWA_CPU_PROBS=8)
+// backward then recomputes the scores; at most kDsPerQuery: the key pass reads them on the dS store's path). (7,7,7) is left out by default: keeping its probabilities (NUWA_CPU_PROBS=8)
 // measured no faster on the 2-core EPYC (fwd+bwd 84-91 ms either way: reading 48 MB back costs what the
 // scores' product does), for 5.4x the query's size of activation memory.
 constexpr int64_t kDsPerQuery = 8;
 inline int64_t probs_per_query() {
   static const int64_t n = [] {
     const char* e = std::getenv("NUWA_CPU_PROBS");
-    return e && *e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(1);
+    return e && *e ? std::clamp<int64_t>(std::atoll(e), 0, kDsPerQuery) : int64_t(1);
   }();
   return n;
 }
@@ -1170,18 +1170,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
       if (lanes) {
         // Small windows: the key pass stores dS for the query pass (DsStore), when the store is small.
         constexpr int L = kLanes<A>;
-        const LaneGeom gq = lane_geom(pr), gk = lane_geom(pr, /*key_side=*/true);
         const int64_t ds_elems = lane_pair_store_elems<A>(pr, kDsPerQuery);
         const A* p_in = nullptr;
-        if (probs.numel() > 0) {
-          TORCH_CHECK(probs.numel() == lane_pair_store_elems<A>(pr, probs_per_query()) && probs.numel() == ds_elems &&
-                          probs.scalar_type() == acc && probs.is_contiguous() && probs.device().is_cpu(),
+        if (probs.numel() > 0) {  // the same layout as the dS store (probs_per_query() <= kDsPerQuery)
+          TORCH_CHECK(probs.numel() == ds_elems && probs.scalar_type() == acc && probs.is_contiguous() &&
+                          probs.device().is_cpu(),
                       "na3d_bwd_probs: probs must be na3d_fwd_probs's third output for these arguments");
           p_in = probs.const_data_ptr<A>();
         }
         if (ds_elems > 0) {
           DsStore st;
-          st.init<L>(gk);
+          st.init<L>(lane_geom(pr, /*key_side=*/true));
           A* buf = static_cast<A*>(pool_alloc(ds_elems * sizeof(A)));
           struct Free {
             A* p;
