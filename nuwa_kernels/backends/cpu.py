@@ -6,7 +6,7 @@ its window; backward is deterministic. Threads: ``torch.set_num_threads``.
 
 When the inputs need gradients, autograd runs ``na3d_fwd_probs`` / ``na3d_bwd_probs`` instead: for small
 windows the forward also keeps every pair's probability for the backward (activation memory of at most
-``NUWA_CPU_PROBS`` times the query's size, default 1, read at the first call; ``0`` keeps none and the
+``NUWA_CPU_PROBS`` times the query's size, default 1, at most 8, read at the first call; ``0`` keeps none and the
 backward recomputes the scores).
 """
 
