@@ -446,6 +446,96 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
   }
 }
 
+// Row-layout scores (AVX-512, float; the forward): S[e * 16 + i] = scale * Q_i . K(col[e] + i) for the
+// block's 16 queries, Q_i the block's rows (row stride qs) and K(c) = krows + c * D (a RowRing), both in
+// their natural layout. Each (query, entry) pair sums 16 partial products over the head dim in one register
+// (two queries at a time share the loads of Q; key rows are aligned), then a transposed reduction turns the
+// 16 queries' registers of an entry into its lane vector (unpack / 128-bit shuffle + add, 15 combines per
+// entry; every query's partials summed in the same tree, so a query's score does not depend on its lane).
+// Against lane_scores it needs no transposes of Q or K, and its key loads are aligned (lane_scores' start
+// at the block plus the shift: most are unaligned, which this machine's load ports pay for twice).
+#if defined(__AVX512F__)
+constexpr bool kRowScores = true;
+#else
+constexpr bool kRowScores = false;
+#endif
+// Entries of a batch: 2 x 9 accumulators, two query vectors and a key vector in AVX-512's 32 registers.
+constexpr int kRowScoreBatch = 9;
+
+#if defined(__AVX512F__)
+// Queries a, b of a pair into one register: lanes 0, 2 of every 128-bit block hold a's partial sums,
+// lanes 1, 3 b's.
+__attribute__((always_inline)) inline __m512 fold_pair(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+// Pairs (q0, q1), (q2, q3) into a register whose 128-bit blocks each hold [q0, q1, q2, q3].
+__attribute__((always_inline)) inline __m512 fold_quad(__m512 a, __m512 b) {
+  const __m512d x = _mm512_castps_pd(a), y = _mm512_castps_pd(b);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+// Two registers of 128-bit blocks [a0, a1, a2, a3], [b0, b1, b2, b3] (each block the same queries) into
+// [a0 + a1, a2 + a3, b0 + b1, b2 + b3].
+__attribute__((always_inline)) inline __m512 fold_blocks(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+}
+
+// part[m * 8 + u / 2] = fold_pair of queries u, u + 1 against entries m < M: rows qa, qb of Q, key rows
+// kr[m] (query u's; u + 1's is the next row, D floats on).
+template <int M>
+__attribute__((always_inline)) inline void row_dots_pair(__m512* __restrict part, int u, const float* __restrict qa,
+                                                         const float* __restrict qb, const float* const* kr,
+                                                         int64_t D) {
+  __m512 a[M], b[M];
+  for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 x = _mm512_loadu_ps(qa + d), y = _mm512_loadu_ps(qb + d);
+    for (int m = 0; m < M; ++m) {
+      a[m] = _mm512_fmadd_ps(x, _mm512_load_ps(kr[m] + d), a[m]);
+      b[m] = _mm512_fmadd_ps(y, _mm512_load_ps(kr[m] + D + d), b[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) part[m * 8 + u / 2] = fold_pair(a[m], b[m]);
+}
+
+template <int M>
+inline void row_scores_batch(float* __restrict S, const float* q, int64_t qs, const float* krows,
+                             const int64_t* col, int64_t D, float scale, __m512* __restrict part) {
+  const float* kr[M];
+  for (int u = 0; u < 16; u += 2) {
+    for (int m = 0; m < M; ++m) kr[m] = krows + (col[m] + u) * D;
+    row_dots_pair<M>(part, u, q + u * qs, q + (u + 1) * qs, kr, D);
+  }
+  const __m512 f = _mm512_set1_ps(scale);
+  for (int m = 0; m < M; ++m) {
+    const __m512* p = part + m * 8;
+    const __m512 lo = fold_blocks(fold_quad(p[0], p[1]), fold_quad(p[2], p[3]));
+    const __m512 hi = fold_blocks(fold_quad(p[4], p[5]), fold_quad(p[6], p[7]));
+    _mm512_store_ps(S + m * 16, _mm512_mul_ps(fold_blocks(lo, hi), f));
+  }
+}
+
+// Scores of entries e < n (see above): q holds the block's 16 query rows (rows beyond the block's queries
+// finite, e.g. zeros), krows a RowRing of D-float rows (64-byte aligned), part scratch of
+// kRowScoreBatch * 8 registers.
+inline void row_scores(float* S, const float* q, int64_t qs, const float* krows, const int64_t* col, int64_t n,
+                       int64_t D, float scale, __m512* part) {
+  int64_t e = 0;
+  for (; e + kRowScoreBatch <= n; e += kRowScoreBatch)
+    row_scores_batch<kRowScoreBatch>(S + e * 16, q, qs, krows, col + e, D, scale, part);
+  switch (n - e) {
+    case 8: row_scores_batch<8>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    case 7: row_scores_batch<7>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    case 6: row_scores_batch<6>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    case 5: row_scores_batch<5>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    case 4: row_scores_batch<4>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    case 3: row_scores_batch<3>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    case 2: row_scores_batch<2>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    case 1: row_scores_batch<1>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
+    default: break;
+  }
+}
+#endif
+
 // Ot[d * L + lane] = sum_e c[e * L + lane] * X^T[d][col[e] + lane] for d < X (a multiple of 8): kLaneBlock
 // rows of d at once in registers, the entries streamed in order (c: zero on masked lanes).
 template <typename A>
@@ -685,6 +775,17 @@ constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
 // vector load starting at any slot is contiguous). Columns are written in aligned groups of L as the
 // query blocks advance, so only the window's reach is held (L2-resident) and each column is transposed
 // once per task.
+// Slots of columns base + shift[e] (|shift| < R) in a ring of R slots starting at column `origin`, one
+// division in all.
+inline void ring_slots(int64_t R, int64_t origin, int64_t base, const int64_t* shift, int64_t n, int64_t* col) {
+  const int64_t s0 = ((base - origin) % R + R) % R;
+  for (int64_t e = 0; e < n; ++e) {
+    int64_t x = s0 + shift[e];
+    x = x < 0 ? x + R : (x >= R ? x - R : x);
+    col[e] = x;
+  }
+}
+
 template <typename S, bool kUnit, typename A>
 struct TransposedRing {
   A* buf;
@@ -730,14 +831,8 @@ struct TransposedRing {
     }
   }
   int64_t slot(int64_t c) const { return (c - origin) % R; }
-  // Slots of columns base + shift[e] (|shift| < R), one division in all.
   void slots(int64_t base, const int64_t* shift, int64_t n, int64_t* col) const {
-    const int64_t s0 = ((base - origin) % R + R) % R;
-    for (int64_t e = 0; e < n; ++e) {
-      int64_t x = s0 + shift[e];
-      x = x < 0 ? x + R : (x >= R ? x - R : x);
-      col[e] = x;
-    }
+    ring_slots(R, origin, base, shift, n, col);
   }
 };
 
@@ -781,6 +876,9 @@ struct RowRing {
       if (slot == 0) std::memcpy(buf + R * X, buf, L * X * sizeof(A));
       hi += L;
     }
+  }
+  void slots(int64_t base, const int64_t* shift, int64_t n, int64_t* col) const {
+    ring_slots(R, origin, base, shift, n, col);
   }
 };
 
@@ -874,6 +972,14 @@ inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P,
     lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
 }
 
+// Rows of tokens [a, a + nv) of one head into dst [L][X] (row_scores' query side), rows nv..L-1 zero.
+template <bool kUnit, typename S, typename A>
+inline void block_rows(A* dst, const HeadRows<S>& hr, int64_t a, int nv, int64_t H, int64_t W) {
+  constexpr int L = kLanes<A>;
+  token_rows<kUnit>(hr, false, a, a + nv, H, W, dst);
+  if (nv < L) std::fill(dst + nv * hr.X, dst + L * hr.X, A(0));
+}
+
 // probs (optional): every pair's probability, stored in the DsStore layout `ps` for the backward's key
 // pass. Every block writes all the elements it owns (DsStore::zero_unowned), zeros where its lanes have
 // no pair: each element is written once, no clearing pass.
@@ -892,11 +998,16 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t nch = (g.Nq + chunk - 1) / chunk;
   const int64_t ntask = pr.B * pr.heads_kv * nch;
   const bool kflat = flat_strides(ks, g.H, g.W), vflat = flat_strides(vs, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
+  // AVX-512 float: keys as rows and row_scores; otherwise K^T columns and lane_scores.
+  constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
+  using KRing = typename std::conditional<kRows, RowRing<S, kUnit, A>, TransposedRing<S, kUnit, A>>::type;
   const int64_t R = TransposedRing<S, kUnit, A>::size_for(g, L);
   const int64_t ring = R + 3 * L;
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
-  const int64_t scratch = D * ring + RowRing<S, kUnit, A>::elems(g, L, Dv) + D * L + sbuf + L * X + 2 * L;
+  const int64_t kring = kRows ? RowRing<S, kUnit, A>::elems(g, L, D) : D * ring;
+  const int64_t part = kRows ? kRowScoreBatch * 8 * L : 0;  // row_scores' partial sums
+  const int64_t scratch = kring + RowRing<S, kUnit, A>::elems(g, L, Dv) + part + D * L + sbuf + L * X + 2 * L;
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, probs ? ps : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& psr = tables->rows;
@@ -914,11 +1025,11 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
-    A* Qt = sc.a.data();      // [D][L]   queries of the block, transposed and scaled
+    A* Qt = sc.a.data();      // [D][L]   queries of the block, transposed and scaled (lane_scores)
     A* Sb = Qt + D * L;       // [entries][L] scores, then probabilities
-    A* tmp = Sb + sbuf;       // [L][max(D, Dv)]
+    A* tmp = Sb + sbuf;       // [L][max(D, Dv)]  (row_scores: the block's query rows)
     A* inv_l = tmp + L * X;   // [L]
-    A* kbuf = inv_l + 2 * L;  // rings: K^T [D][ld], V rows [R + L][Dv]
+    A* kbuf = inv_l + 2 * L;  // rings: K (K^T [D][ld] or rows [R + L][D]), V rows [R + L][Dv]; part
     int64_t* shift_buf = sc.idx.data();
     int64_t* col = shift_buf + g.box_max;
     uint32_t* mask_buf = reinterpret_cast<uint32_t*>(col + g.box_max);
@@ -927,14 +1038,21 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
     const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
     std::vector<int32_t> prow_entry(pshift.size());  // the block's entry of each row of the store, or -1
-    TransposedRing<S, kUnit, A> kr;
+    KRing kr;
     RowRing<S, kUnit, A> vr;
-    kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
-    vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv));
+    if constexpr (kRows)
+      kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D));
+    else
+      kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
+    vr.init(kbuf + kring, g, L, first_col, head_rows(v, vs, b, gh, Dv));
+    A* pbuf = kbuf + kring + RowRing<S, kUnit, A>::elems(g, L, Dv);
     const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
-      kr.advance(q0 + L + g.smax, tmp);
+      if constexpr (kRows)
+        kr.advance(q0 + L + g.smax);
+      else
+        kr.advance(q0 + L + g.smax, tmp);
       vr.advance(q0 + L + g.smax);
       const int64_t* shift;
       const uint32_t* mask;
@@ -952,10 +1070,16 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           prefetch_tokens(head_rows(q, qs, b, head + 1, D), q0, q0 + nv, g.H, g.W);
         else if (q0 + L < qb)
           prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g.H, g.W);
-        // Q^T of the block, scaled.
-        const TokenRows<S, kUnit, A> qr = token_rows<kUnit>(qh, qflat, q0, q0 + nv, g.H, g.W, tmp);
-        transpose_rows(Qt, L, qr.p, qr.rs, nv, D, scale);
-        lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
+        if constexpr (kRows) {  // the block's query rows, contiguous (rows past the block: zeros)
+#if defined(__AVX512F__)
+          block_rows<kUnit>(tmp, qh, q0, nv, g.H, g.W);
+          row_scores(Sb, tmp, D, kr.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
+#endif
+        } else {  // Q^T of the block, scaled
+          const TokenRows<S, kUnit, A> qr = token_rows<kUnit>(qh, qflat, q0, q0 + nv, g.H, g.W, tmp);
+          transpose_rows(Qt, L, qr.p, qr.rs, nv, D, scale);
+          lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
+        }
         // Softmax per lane over the valid entries; masked lanes get probability 0.
         Vec<A> mx = ninf;
         for (int64_t e = 0; e < n; ++e) {
@@ -1176,9 +1300,12 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
-  const int64_t scratch = group * ((D + Dv + 2) * ring + RowRing<S, kUnit, A>::elems(g, L, D) +
+  // AVX-512 float: S^T and dP^T by row_scores from the row rings of Q and dO (no Q^T, dO^T rings).
+  constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
+  const int64_t part = kRows ? kRowScoreBatch * 8 * L : 0;  // row_scores' partial sums
+  const int64_t scratch = group * (((kRows ? 0 : D + Dv) + 2) * ring + RowRing<S, kUnit, A>::elems(g, L, D) +
                                    RowRing<S, kUnit, A>::elems(g, L, Dv)) +
-                          (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0);
+                          (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0) + part;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out || p_in ? ds : nullptr);
   const EntryTable& et = tables->et;
@@ -1191,8 +1318,8 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);
-    A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled
-    A* Vt = Kt + D * L;      // [Dv][L] values, transposed
+    A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled (row_scores: [L][D] rows)
+    A* Vt = Kt + D * L;      // [Dv][L] values, transposed (row_scores: [L][Dv] rows)
     A* Sb = Vt + Dv * L;     // [entries][L] scores, then P
     A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
     A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
@@ -1216,10 +1343,12 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     A* rp = rbuf;
     for (int64_t j = 0; j < group; ++j) {
       const int64_t head = gh * group + j;
-      qr[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D), qflat);
-      rp += D * qr[j].ld;
-      gr[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv), gflat);
-      rp += Dv * gr[j].ld;
+      if (!kRows) {
+        qr[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D), qflat);
+        rp += D * qr[j].ld;
+        gr[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv), gflat);
+        rp += Dv * gr[j].ld;
+      }
       lr[j].init(rp, g, L, first_col, head_rows(lse, ls, b, head, 1), lflat);
       rp += lr[j].ld;
       dr[j].init(rp, g, L, first_col, head_rows(delta, dls, b, head, 1), dflat);
@@ -1231,38 +1360,59 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     }
     A* dKs = rp;           // [L][D]  dK sums over the group's heads but the last
     A* dVs = dKs + L * D;  // [L][Dv] dV sums
+    A* pbuf = dKs + (group > 1 ? L * (D + Dv) : 0);  // row_scores' partial sums
     const HeadRows<S> kh_ = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
     for (int64_t k0 = ka; k0 < kb; k0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, kb - k0));
       const int64_t* shift;
       const uint32_t* mask;
       const int64_t n = et.get<L, true>(pr, g, k0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
-      qr[0].slots(k0, shift, n, col);
+      qrow[0].slots(k0, shift, n, col);
       if (k0 + L < kb) {  // the next block's key and value rows
         prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
         prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
       }
-      if (!p_in) transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
-      transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
+      if constexpr (kRows) {
+        if (!p_in) block_rows<kUnit>(Kt, kh_, k0, nv, g.H, g.W);
+        block_rows<kUnit>(Vt, vh, k0, nv, g.H, g.W);
+      } else {
+        if (!p_in) transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
+        transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
+      }
       const int64_t row0 = (b * g.Nq + k0) * heads_kv + gh;
       const int32_t* rr = dsr.empty() ? nullptr : dsr.data() + (k0 / L) * et.stride;
       for (int64_t j = 0; j < group; ++j) {
         if (!p_in) {
-          qr[j].advance(k0 + L + g.smax, tmp);
+          if (!kRows) qr[j].advance(k0 + L + g.smax, tmp);
           lr[j].advance(k0 + L + g.smax, tmp);
         }
-        gr[j].advance(k0 + L + g.smax, tmp);
+        if (!kRows) gr[j].advance(k0 + L + g.smax, tmp);
         dr[j].advance(k0 + L + g.smax, tmp);
         qrow[j].advance(k0 + L + g.smax);
         grow[j].advance(k0 + L + g.smax);
-        lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
+#if defined(__AVX512F__)
+        __m512* const part_v = reinterpret_cast<__m512*>(pbuf);
+#endif
+        if constexpr (kRows) {
+#if defined(__AVX512F__)
+          row_scores(Pb, Vt, Dv, grow[j].buf, col, n, Dv, A(1), part_v);
+#endif
+        } else {
+          lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
+        }
         // P into Sb (0 on masked lanes): from the forward (masked lanes read elements of no pair), or
         // recomputed from S; then dS = P (dP - delta) into Pb.
         if (p_in) {
           const A* pb = p_in + ds->base(b, gh * group + j, pr.heads) + k0;
           for (int64_t e = 0; e < n; ++e) vst(Sb + e * L, lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld) : Vec<A>{});
         } else {
-          lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
+          if constexpr (kRows) {
+#if defined(__AVX512F__)
+            row_scores(Sb, Kt, D, qrow[j].buf, col, n, D, scale, part_v);
+#endif
+          } else {
+            lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
+          }
           for (int64_t e = 0; e < n; ++e) {
             const Vec<A> p = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
             vst(Sb + e * L, lane_mask<A>(mask[e]) ? p : Vec<A>{});
