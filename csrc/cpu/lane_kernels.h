@@ -887,13 +887,16 @@ struct RowRing {
 // zeros, as in lane_pv); entries masked for all the QB queries of a group are skipped. QB queries at a
 // time, NB vectors of the head dim each, in registers. With `init` (rows of the accumulation type, row
 // stride irs; may be `out` itself), the sums start from init[i] instead of 0 (the backward's key pass sums
-// a group's heads this way, one head after the other).
-template <int QB, int NB, bool kStream, typename S, typename A>
+// a group's heads this way, one head after the other). kX: X as a compile-time constant (0: X at run time),
+// so that the rows' offsets are immediates (a run-time X left GCC short of registers: it kept offsets in
+// vector registers and moved them back per entry, on the FMA ports).
+template <int QB, int NB, bool kStream, int kX, typename S, typename A>
 __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, const A* f, const A* __restrict P,
-                                                         const A* __restrict rows, int64_t X, int64_t d0, int i,
+                                                         const A* __restrict rows, int64_t X_, int64_t d0, int i,
                                                          const int64_t* col, const uint32_t* mask, int64_t n,
                                                          const A* init, int64_t irs) {
   constexpr int L = kLanes<A>;
+  const int64_t X = kX ? kX : X_;
   Vec<A> acc[QB][NB];
   if (init) {
     for (int u = 0; u < QB; ++u)
@@ -935,21 +938,25 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
   }
 }
 
-template <int NB, bool kStream, typename S, typename A>
+template <int NB, bool kStream, int kX = 0, typename S, typename A>
 inline void pv_rows_chunk(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, int64_t d0,
                           const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init, int64_t irs) {
   // Accumulators QB * NB registers: 16 of AVX-512's 32, 8 of AVX2's 16.
   constexpr int QB = kVecBytes == 64 ? (NB == 3 ? 2 : 4) : (NB <= 2 ? 4 : 2);
   int i = 0;
   for (; i + QB <= nv; i += QB)
-    pv_rows_group<QB, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
-  for (; i < nv; ++i) pv_rows_group<1, NB, kStream>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
+    pv_rows_group<QB, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
+  for (; i < nv; ++i) pv_rows_group<1, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
 }
 
 template <bool kStream = false, typename S, typename A>
 inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, const int64_t* col,
                          const uint32_t* mask, int64_t n, int nv, const A* init = nullptr, int64_t irs = 0) {
   constexpr int L = kLanes<A>;
+  if (X == 4 * L) {  // one chunk of the head dim (float D = 64 with AVX-512): the row stride in immediates
+    pv_rows_chunk<4, kStream, 4 * L>(out, ors, f, P, rows, X, 0, col, mask, n, nv, init, irs);
+    return;
+  }
   int64_t d0 = 0;
   for (; d0 + 4 * L <= X; d0 += 4 * L)
     pv_rows_chunk<4, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs);
