@@ -1409,6 +1409,15 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         }
         // P into Sb (0 on masked lanes): from the forward (masked lanes read elements of no pair), or
         // recomputed from S; then dS = P (dP - delta) into Pb.
+        if ((p_in || ds_out) && k0 + kDsAhead * L < kb) {  // the stores' rows kDsAhead blocks ahead (one
+          const int64_t bi = k0 / L + kDsAhead;               // stream per row, as the query pass's dS)
+          const int32_t* ra = dsr.data() + bi * et.stride;
+          const int64_t off = ds->base(b, gh * group + j, pr.heads) + k0 + kDsAhead * L + L - 1;
+          for (int64_t e = 0; e < et.count[bi]; ++e) {
+            if (p_in) prefetch_l2(p_in + off + ra[e] * ds->ld);
+            if (ds_out) prefetch_l2(ds_out + off + ra[e] * ds->ld);
+          }
+        }
         if (p_in) {
           const A* pb = p_in + ds->base(b, gh * group + j, pr.heads) + k0;
           for (int64_t e = 0; e < n; ++e) vst(Sb + e * L, lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld) : Vec<A>{});
