@@ -1189,8 +1189,11 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
-  const int64_t scratch =
-      (D + Dv) * ring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L;
+  // AVX-512 float: S and dP (without the dS store) by row_scores from the rows of K and V.
+  constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
+  const int64_t part = kRows ? kRowScoreBatch * 8 * L : 0;
+  const int64_t tring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dv) : (D + Dv) * ring;
+  const int64_t scratch = tring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L + part;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in ? ds : nullptr);
   const EntryTable& et = tables->et;
@@ -1202,15 +1205,15 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
-    A* Qt = sc.a.data();     // [D][L]  queries, transposed, scaled
-    A* Gt = Qt + D * L;      // [Dv][L] output gradients, transposed
+    A* Qt = sc.a.data();     // [D][L]  queries, transposed, scaled (row_scores: [L][D] rows)
+    A* Gt = Qt + D * L;      // [Dv][L] output gradients, transposed (row_scores: [L][Dv] rows)
     A* Sb = Gt + Dv * L;     // [entries][L] scores, then P
     A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
     A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
     A* lse_v = tmp + L * X;  // [L]
     A* del_v = lse_v + L;    // [L]
     A* fac = del_v + L;      // [L]
-    A* kbuf = fac + L;       // rings: K^T [D][ld], V^T [Dv][ld], K rows [R + L][D]
+    A* kbuf = fac + L;       // rings: K^T [D][ld], V^T [Dv][ld] (row_scores: V rows), K rows [R + L][D]; part
     int64_t* shift_buf = sc.idx.data();
     int64_t* col = shift_buf + g.box_max;
     uint32_t* mask_buf = reinterpret_cast<uint32_t*>(col + g.box_max);
@@ -1220,21 +1223,30 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     for (int i = 0; i < L; ++i) fac[i] = scale;
     const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
     TransposedRing<S, kUnit, A> kr, vr;
-    kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
-    vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv), vflat);
-    RowRing<S, kUnit, A> krow;  // same slots as kr
-    krow.init(kbuf + D * kr.ld + Dv * vr.ld, g, L, first_col, head_rows(k, ks, b, gh, D));
+    RowRing<S, kUnit, A> krow, vrow;  // same slots as kr
+    if (!kRows) {
+      kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
+      vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv), vflat);
+    } else {
+      vrow.init(kbuf, g, L, first_col, head_rows(v, vs, b, gh, Dv));
+    }
+    krow.init(kbuf + tring, g, L, first_col, head_rows(k, ks, b, gh, D));
+    A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, D);
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
       if (!ds_in) {
-        kr.advance(q0 + L + g.smax, tmp);
-        vr.advance(q0 + L + g.smax, tmp);
+        if (kRows) {
+          vrow.advance(q0 + L + g.smax);
+        } else {
+          kr.advance(q0 + L + g.smax, tmp);
+          vr.advance(q0 + L + g.smax, tmp);
+        }
       }
       krow.advance(q0 + L + g.smax);
       const int64_t* shift;
       const uint32_t* mask;
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
-      kr.slots(q0, shift, n, col);
+      krow.slots(q0, shift, n, col);
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         if (ds_in) {  // dS from the key pass; masked lanes read other pairs' (or unwritten) slots: zeroed
           const A* dsb = ds_in + ds->base(b, head, heads) + q0;
@@ -1264,12 +1276,21 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g.H, g.W);
           }
         }
-        transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
-        transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
+        if constexpr (kRows) {
+#if defined(__AVX512F__)
+          block_rows<kUnit>(Qt, qh, q0, nv, g.H, g.W);
+          block_rows<kUnit>(Gt, gh_, q0, nv, g.H, g.W);
+          row_scores(Sb, Qt, D, krow.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
+          row_scores(Pb, Gt, Dv, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
+#endif
+        } else {
+          transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
+          transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
+          lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
+          lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
+        }
         gather_lane_stats(lse_v, head_rows(lse, ls, b, head, 1), q0, nv, g.H, g.W);
         gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
-        lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
-        lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
         const Vec<A> lv = vld(lse_v), dv = vld(del_v);
         for (int64_t e = 0; e < n; ++e) {
           const Vec<A> p0 = exp_vec(vld(Sb + e * L) - lv);
