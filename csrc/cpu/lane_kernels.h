@@ -13,7 +13,9 @@
 //
 // Forward, per block: scores S[e] = Q^T-block . K^T[columns q0 + shift_e ...] for every entry e, a vector
 // of L lanes, as a register-blocked small GEMM over the head dim (8 entries of accumulators, the query
-// block transposed and scaled once); masked lanes -inf; softmax per lane, vectorised over queries (max,
+// block transposed and scaled once); with AVX-512 and float, row_scores instead: the block's query rows
+// against key rows from a RowRing, each pair's partial sums in a register and a transposed reduction
+// into the lanes (aligned key loads, no transposes; the K^T ring below is then not built); masked lanes -inf; softmax per lane, vectorised over queries (max,
 // vectorised exp and log, one sum chain in entry order); then out = P V in the natural layout: each query's
 // output row (the head dim in registers, four queries at a time) sums P[e][lane] * V[q0 + lane + shift_e]
 // over the entries in order, value rows read from a ring of rows (RowRing, converted to the accumulation
@@ -24,7 +26,8 @@
 // every block are computed once per call (EntryTable) and shared by the tasks of all heads; grouped heads
 // of a kv head share the rings and the block's entries. Scratch is 64-byte aligned.
 //
-// Backward: a query pass (dQ) and a key pass (dK, dV), both in this form. Query pass, per query block:
+// Backward: a query pass (dQ) and a key pass (dK, dV), both in this form (AVX-512 float: every score
+// product by row_scores from row rings, no transposed rings). Query pass, per query block:
 // S from the K^T ring, dP = dO^T-block . V^T ring, P = exp(scale s - lse), dS = P (dP - delta), dQ^T =
 // scale sum_e dS[e] K^T[...]. Key pass, per block of L keys (the entries from window.h's inverse windows,
 // raster causality kept as flat(query) >= flat(key)): rings of Q^T, dO^T, lse and delta over query
