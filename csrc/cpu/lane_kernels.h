@@ -772,6 +772,10 @@ inline bool stream_rows(const S* out, double rows, int64_t X) {
 #define NUWA_PREFETCH_AHEAD 4
 #endif
 constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
+// The backward's key pass advances four row rings per head (Q, dO, and the lse / delta columns) and
+// streams two pair stores: its rows are prefetched two groups ahead (NÜWA (3,3,3) key pass: about 7%
+// faster than four; the forward measured no better with two).
+constexpr int kKeyPassPrefetchAhead = NUWA_PREFETCH_AHEAD < 2 ? NUWA_PREFETCH_AHEAD : 2;
 
 // Transposed key (or value) columns of one head in a ring: column c (flat key index) lives at slot
 // (c - origin) mod R of every row d (row stride R + L; slots [0, L) are mirrored at [R, R + L) so that a
@@ -796,6 +800,7 @@ struct TransposedRing {
   HeadRows<S> hr;
   bool direct;
   const LaneGeom* g;
+  int64_t ahead = kPrefetchAhead;  // groups of L columns prefetched ahead of the ring's end
 
   static int64_t size_for(const LaneGeom& g, int L) { return round_up(g.smax - g.smin + 3 * L, L) + L; }
 
@@ -817,7 +822,7 @@ struct TransposedRing {
       const int64_t a = std::max<int64_t>(hi, 0), b = std::min<int64_t>(hi + L, g->Nk);
       const int64_t X = hr.X;
       if (b - a == L) {
-        if (hi + kPrefetchAhead * L + L <= g->Nk) prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
+        if (hi + ahead * L + L <= g->Nk) prefetch_tokens(hr, hi + ahead * L, hi + ahead * L + L, g->H, g->W);
         const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, b, g->H, g->W, tmp);
         transpose_rows(buf + slot, ld, tr.p, tr.rs, L, X);
       } else {
@@ -849,6 +854,7 @@ struct RowRing {
   int64_t R, origin, hi;
   HeadRows<S> hr;
   const LaneGeom* g;
+  int64_t ahead = kPrefetchAhead;  // groups of L columns prefetched ahead of the ring's end
 
   static int64_t size_for(const LaneGeom& g, int L) { return TransposedRing<S, kUnit, A>::size_for(g, L); }
   // Elements of the ring for rows of X elements.
@@ -871,7 +877,7 @@ struct RowRing {
       A* dst = buf + slot * X;
       if (b - a < L) std::fill(dst, dst + L * X, A(0));
       if (b > a) {
-        if (hi + kPrefetchAhead * L + L <= g->Nk) prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
+        if (hi + ahead * L + L <= g->Nk) prefetch_tokens(hr, hi + ahead * L, hi + ahead * L + L, g->H, g->W);
         for_each_segment(a, b, g->H, g->W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t pos) {
           hr.template gather<kUnit>(dst + (pos - hi) * X, t, h, w, n);
         });
@@ -1376,17 +1382,23 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       const int64_t head = gh * group + j;
       if (!kRows) {
         qr[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D), qflat);
+        qr[j].ahead = kKeyPassPrefetchAhead;
         rp += D * qr[j].ld;
         gr[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv), gflat);
+        gr[j].ahead = kKeyPassPrefetchAhead;
         rp += Dv * gr[j].ld;
       }
       lr[j].init(rp, g, L, first_col, head_rows(lse, ls, b, head, 1), lflat);
+      lr[j].ahead = kKeyPassPrefetchAhead;
       rp += lr[j].ld;
       dr[j].init(rp, g, L, first_col, head_rows(delta, dls, b, head, 1), dflat);
+      dr[j].ahead = kKeyPassPrefetchAhead;
       rp += dr[j].ld;
       qrow[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D));
+      qrow[j].ahead = kKeyPassPrefetchAhead;
       rp += RowRing<S, kUnit, A>::elems(g, L, D);
       grow[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv));
+      grow[j].ahead = kKeyPassPrefetchAhead;
       rp += RowRing<S, kUnit, A>::elems(g, L, Dv);
     }
     A* dKs = rp;           // [L][D]  dK sums over the group's heads but the last
