@@ -15,7 +15,8 @@
 // of L lanes, as a register-blocked small GEMM over the head dim (8 entries of accumulators, the query
 // block transposed and scaled once); with AVX-512 and float, row_scores instead: the block's query rows
 // against key rows from a RowRing, each pair's partial sums in a register and a transposed reduction
-// into the lanes (aligned key loads, no transposes; the K^T ring below is then not built); masked lanes -inf; softmax per lane, vectorised over queries (max,
+// into the lanes (aligned key loads, no transposes; the K^T ring below is then not built); masked lanes
+// -inf; softmax per lane, vectorised over queries (max,
 // vectorised exp and log, one sum chain in entry order); then out = P V in the natural layout: each query's
 // output row (the head dim in registers, four queries at a time) sums P[e][lane] * V[q0 + lane + shift_e]
 // over the entries in order, value rows read from a ring of rows (RowRing, converted to the accumulation
@@ -449,7 +450,9 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
   }
 }
 
-// Row-layout scores (AVX-512, float; the forward): S[e * 16 + i] = scale * Q_i . K(col[e] + i) for the
+// Row-layout scores (AVX-512, float; every score product of the forward and the backward's passes; the
+// key pass's "queries" are its block of keys or values, its "keys" the rows of Q or dO):
+// S[e * 16 + i] = scale * Q_i . K(col[e] + i) for the
 // block's 16 queries, Q_i the block's rows (row stride qs) and K(c) = krows + c * D (a RowRing), both in
 // their natural layout. Each (query, entry) pair sums 16 partial products over the head dim in one register
 // (two queries at a time share the loads of Q; key rows are aligned), then a transposed reduction turns the
