@@ -417,6 +417,9 @@ LANE_CASES = [
     Case("lanes-image-133", (1, 17, 19), kernel_size=(1, 3, 3), heads=1, heads_kv=1, D=16, B=2),
     Case("lanes-kv-frames-differ", (6, 5, 7), (3, 5, 7), kernel_size=(3, 3, 5), heads=2, heads_kv=2, D=16, B=1),
     Case("lanes-w1-text", (40, 1, 1), kernel_size=(None, 1, 1), causal=True, heads=1, heads_kv=1, D=16, B=1),
+    # head dims of 3 and 8 vectors: row_scores' and the row products' loops over chunks of the head dim
+    Case("lanes-d48", (3, 7, 9), heads=2, heads_kv=1, D=48, B=1),
+    Case("lanes-d128-raster", (3, 5, 9), causal=True, heads=1, heads_kv=1, D=128, B=1),
     # small windows with D=64: the key pass stores dS for the query pass (DsStore)
     Case("lanes-ds-store-gqa", (4, 9, 11), heads=4, heads_kv=2, D=64, B=2),
     Case("lanes-ds-store-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, heads=2, heads_kv=2, D=64, B=1),
