@@ -49,29 +49,24 @@ Pool& pool() {
   return *p;
 }
 
-char* raw_alloc(std::size_t total) {
-  void* p = nullptr;
-  if (posix_memalign(&p, 64, total) != 0) throw std::bad_alloc();
-  return static_cast<char*>(p);
-}
-
-// A pooled block of kHugeMinBytes or more starts on a 2 MiB boundary and asks for transparent huge pages
-// (Linux, where THP is in `madvise` mode, the default of many distributions): the kernels walk a head's
-// rows 2 KiB and more apart, one TLB entry per 2 MiB instead of per 4 KiB (NÜWA's (1,3,3) forward and
-// backward, 10x21x21, 8 heads: 5-10% here with inputs in huge pages too). Best effort: madvise may fail.
+// Blocks of kHugeMinBytes or more start on a 2 MiB boundary and ask for transparent huge pages (Linux,
+// where THP is in `madvise` mode, the default of many distributions): the kernels walk a head's rows 2 KiB
+// and more apart, one TLB entry per 2 MiB instead of per 4 KiB (NÜWA's (1,3,3) forward and backward,
+// 10x21x21, 8 heads: 5-10% here with inputs in huge pages too). Best effort: madvise may fail.
 constexpr std::size_t kHugePage = std::size_t(2) << 20;
 constexpr std::size_t kHugeMinBytes = std::size_t(4) << 20;
 
-char* pooled_raw_alloc(std::size_t total) {
+char* raw_alloc(std::size_t total) {
+  void* p = nullptr;
 #ifdef __linux__
   if (total >= kHugeMinBytes) {
-    void* p = nullptr;
     if (posix_memalign(&p, kHugePage, total) != 0) throw std::bad_alloc();
     (void)madvise(p, total, MADV_HUGEPAGE);
     return static_cast<char*>(p);
   }
 #endif
-  return raw_alloc(total);
+  if (posix_memalign(&p, 64, total) != 0) throw std::bad_alloc();
+  return static_cast<char*>(p);
 }
 
 std::size_t& header_bytes(char* block) { return *reinterpret_cast<std::size_t*>(block); }
@@ -107,7 +102,7 @@ void* pool_alloc(std::size_t bytes) {
       return b + kHeader;
     }
   }
-  char* b = pooled_raw_alloc(total);
+  char* b = raw_alloc(total);
   header_bytes(b) = total;
   return b + kHeader;
 }

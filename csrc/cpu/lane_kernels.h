@@ -419,6 +419,18 @@ __attribute__((always_inline)) inline void lane_dots(A* __restrict S, const A* _
   for (int m = 0; m < M; ++m) vst(S + m * L, acc[m]);
 }
 
+// f(std::integral_constant<int, r>{}) for a run-time count 0 < r < N: the tail of a loop over batches of
+// N, with the batch size a template argument (nothing for r outside that range).
+template <int N, typename F>
+inline void with_count(int r, const F& f) {
+  if constexpr (N > 1) {
+    if (r == N - 1)
+      f(std::integral_constant<int, N - 1>{});
+    else
+      with_count<N - 1>(r, f);
+  }
+}
+
 // Entries scored at once by lane_scores: 9 accumulators (+ the query vector) fit AVX2's 16 registers too;
 // three rows of a 3-wide window per batch (NÜWA's (1,3,3) block: one batch instead of 8 + 1).
 constexpr int kScoreBatch = 9;
@@ -437,29 +449,19 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
   }
   const int r = static_cast<int>(n - e);
   for (int m = 0; m < r; ++m) xp[m] = XT + col[e + m];
-  switch (r) {
-    case 8: lane_dots<(8 < kBatch ? 8 : 1)>(S + e * L, a, xp, ld, D); break;
-    case 7: lane_dots<(7 < kBatch ? 7 : 1)>(S + e * L, a, xp, ld, D); break;
-    case 6: lane_dots<(6 < kBatch ? 6 : 1)>(S + e * L, a, xp, ld, D); break;
-    case 5: lane_dots<(5 < kBatch ? 5 : 1)>(S + e * L, a, xp, ld, D); break;
-    case 4: lane_dots<(4 < kBatch ? 4 : 1)>(S + e * L, a, xp, ld, D); break;
-    case 3: lane_dots<3>(S + e * L, a, xp, ld, D); break;
-    case 2: lane_dots<2>(S + e * L, a, xp, ld, D); break;
-    case 1: lane_dots<1>(S + e * L, a, xp, ld, D); break;
-    default: break;
-  }
+  with_count<kBatch>(r, [&](auto m) { lane_dots<decltype(m)::value>(S + e * L, a, xp, ld, D); });
 }
 
 // Row-layout scores (AVX-512, float; every score product of the forward and the backward's passes; the
 // key pass's "queries" are its block of keys or values, its "keys" the rows of Q or dO):
-// S[e * 16 + i] = scale * Q_i . K(col[e] + i) for the
-// block's 16 queries, Q_i the block's rows (row stride qs) and K(c) = krows + c * D (a RowRing), both in
-// their natural layout. Each (query, entry) pair sums 16 partial products over the head dim in one register
-// (two queries at a time share the loads of Q; key rows are aligned), then a transposed reduction turns the
-// 16 queries' registers of an entry into its lane vector (unpack / 128-bit shuffle + add, 15 combines per
-// entry; every query's partials summed in the same tree, so a query's score does not depend on its lane).
-// Against lane_scores it needs no transposes of Q or K, and its key loads are aligned (lane_scores' start
-// at the block plus the shift: most are unaligned, which this machine's load ports pay for twice).
+// S[e * 16 + i] = scale * Q_i . K(col[e] + i) for the block's 16 queries, Q_i the block's rows (row
+// stride qs) and K(c) = krows + c * D (a RowRing), both in their natural layout. Each (query, entry) pair
+// sums 16 partial products over the head dim in one register (two queries at a time share the loads of
+// Q; key rows are aligned), then a transposed reduction turns the 16 queries' registers of an entry into
+// its lane vector (unpack / 128-bit shuffle + add, 15 combines per entry; every query's partials summed in
+// the same tree, so a query's score does not depend on its lane). Against lane_scores it needs no
+// transposes of Q or K, and its key loads are aligned (lane_scores' start at the block plus the shift:
+// most are unaligned, which this machine's load ports pay for twice).
 #if defined(__AVX512F__)
 constexpr bool kRowScores = true;
 #else
@@ -528,17 +530,9 @@ inline void row_scores(float* S, const float* q, int64_t qs, const float* krows,
   int64_t e = 0;
   for (; e + kRowScoreBatch <= n; e += kRowScoreBatch)
     row_scores_batch<kRowScoreBatch>(S + e * 16, q, qs, krows, col + e, D, scale, part);
-  switch (n - e) {
-    case 8: row_scores_batch<8>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    case 7: row_scores_batch<7>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    case 6: row_scores_batch<6>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    case 5: row_scores_batch<5>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    case 4: row_scores_batch<4>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    case 3: row_scores_batch<3>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    case 2: row_scores_batch<2>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    case 1: row_scores_batch<1>(S + e * 16, q, qs, krows, col + e, D, scale, part); break;
-    default: break;
-  }
+  with_count<kRowScoreBatch>(static_cast<int>(n - e), [&](auto m) {
+    row_scores_batch<decltype(m)::value>(S + e * 16, q, qs, krows, col + e, D, scale, part);
+  });
 }
 #endif
 
@@ -780,11 +774,6 @@ constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
 // faster than four; the forward measured no better with two).
 constexpr int kKeyPassPrefetchAhead = NUWA_PREFETCH_AHEAD < 2 ? NUWA_PREFETCH_AHEAD : 2;
 
-// Transposed key (or value) columns of one head in a ring: column c (flat key index) lives at slot
-// (c - origin) mod R of every row d (row stride R + L; slots [0, L) are mirrored at [R, R + L) so that a
-// vector load starting at any slot is contiguous). Columns are written in aligned groups of L as the
-// query blocks advance, so only the window's reach is held (L2-resident) and each column is transposed
-// once per task.
 // Slots of columns base + shift[e] (|shift| < R) in a ring of R slots starting at column `origin`, one
 // division in all.
 inline void ring_slots(int64_t R, int64_t origin, int64_t base, const int64_t* shift, int64_t n, int64_t* col) {
@@ -796,6 +785,11 @@ inline void ring_slots(int64_t R, int64_t origin, int64_t base, const int64_t* s
   }
 }
 
+// Transposed key (or value) columns of one head in a ring: column c (flat key index) lives at slot
+// (c - origin) mod R of every row d (row stride R + L; slots [0, L) are mirrored at [R, R + L) so that a
+// vector load starting at any slot is contiguous). Columns are written in aligned groups of L as the
+// query blocks advance, so only the window's reach is held (L2-resident) and each column is transposed
+// once per task.
 template <typename S, bool kUnit, typename A>
 struct TransposedRing {
   A* buf;
@@ -1154,7 +1148,8 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
               vst(dst, x);
             } else {  // a row end: the lanes inside the row
               uint32_t m = 0;
-              for (int i = 0; i < L; ++i) m |= uint32_t(k0 + i >= -DsStore::kPad && k0 + i < ps->ld - DsStore::kPad) << i;
+              for (int i = 0; i < L; ++i)
+                m |= uint32_t(k0 + i >= -DsStore::kPad && k0 + i < ps->ld - DsStore::kPad) << i;
               vst_masked(dst, x, m);
             }
           }

@@ -1001,9 +1001,10 @@ inline bool lanes_enabled() {
 // probabilities of na3d_fwd_probs are kept from the forward to the backward (activation memory: on
 // 10x21x21 with D=64 and truncated borders, (3,3,3) keeps 0.43x the query's elements, (1,3,3) 0.15x,
 // (7,7,7) 5.4x), at most NUWA_CPU_PROBS times the query's elements (default 1, read once; 0: never, the
-// backward then recomputes the scores; at most kDsPerQuery: the key pass reads them on the dS store's path). (7,7,7) is left out by default: keeping its probabilities (NUWA_CPU_PROBS=8)
-// measured no faster on the 2-core EPYC (fwd+bwd 84-91 ms either way: reading 48 MB back costs what the
-// scores' product does), for 5.4x the query's size of activation memory.
+// backward then recomputes the scores; at most kDsPerQuery: the key pass reads them on the dS store's
+// path). (7,7,7) is left out by default: keeping its probabilities (NUWA_CPU_PROBS=8) measured no faster
+// on the 2-core EPYC (fwd+bwd 84-91 ms either way: reading 48 MB back costs what the scores' product
+// does), for 5.4x the query's size of activation memory.
 constexpr int64_t kDsPerQuery = 8;
 inline int64_t probs_per_query() {
   static const int64_t n = [] {
