@@ -4,7 +4,7 @@
 // (query, key, value, out, lse); the backward forms delta = rowsum(dO * O) - dLSE (na3d_delta) and runs
 // na3d_bwd, FlashAttention style. CPU tensors that need gradients take na3d_fwd_probs / na3d_bwd_probs
 // instead: the CPU kernel also keeps the probabilities of small windows, and the backward skips the
-// scores' recomputation. Under grad mode (create_graph=True: a gradient penalty, double
+// scores' recomputation and forms delta itself (sum of P dP over the window, minus dLSE). Under grad mode (create_graph=True: a gradient penalty, double
 // backward) the backward instead calls na3d_bwd_recompute, whose CompositeImplicitAutograd kernel is the
 // Python reference's differentiable recomputation (nuwa_kernels/backends/_fused_ops.py), so second
 // order is exact. A Python autograd.Function on this path costs tens of microseconds a call
@@ -31,8 +31,9 @@ using FwdProbsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Ten
                                                                    const at::Tensor&, at::IntArrayRef, c10::List<bool>,
                                                                    bool, bool, at::IntArrayRef, at::IntArrayRef, double);
 using BwdProbsSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, at::IntArrayRef, c10::List<bool>, bool, bool, at::IntArrayRef, at::IntArrayRef, double);
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, const at::Tensor&, at::IntArrayRef, c10::List<bool>, bool, bool,
+    at::IntArrayRef, at::IntArrayRef, double);
 using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                               at::IntArrayRef, c10::List<bool>, bool, bool,
@@ -114,14 +115,14 @@ class Na3dFunction : public torch::autograd::Function<Na3dFunction> {
     static auto delta_op = op<DeltaSig>("nuwa_kernels::na3d_delta");
     static auto bwd = op<BwdSig>("nuwa_kernels::na3d_bwd");
     if (!grad_out.defined()) grad_out = at::zeros_like(out);
-    const at::Tensor delta = delta_op.call(grad_out, out, glse);
-    if (probs.defined() && probs.numel() > 0) {
+    if (probs.defined() && probs.numel() > 0) {  // forms delta from P and dP itself: no pass over O
       static auto bwd_probs = op<BwdProbsSig>("nuwa_kernels::na3d_bwd_probs");
-      std::tie(result[0], result[1], result[2]) = bwd_probs.call(grad_out, query, key, value, lse, delta, probs,
+      std::tie(result[0], result[1], result[2]) = bwd_probs.call(grad_out, query, key, value, lse, glse, probs,
                                                                  kernel_size, causal_axes, raster, shift, stride,
                                                                  slab, scale);
       return result;
     }
+    const at::Tensor delta = delta_op.call(grad_out, out, glse);
     std::tie(result[0], result[1], result[2]) =
         bwd.call(grad_out, query, key, value, lse, delta, kernel_size, causal_axes, raster, shift, stride, slab, scale);
     return result;

@@ -166,13 +166,14 @@ TORCH_LIBRARY(nuwa_kernels, m) {
   m.def("na3d_delta(Tensor grad_out, Tensor out, Tensor? grad_lse) -> Tensor");
   // The CPU pair: the forward also returns every pair's probability (1-D, the accumulation dtype; empty
   // when the lane kernels do not keep them), which the backward reads instead of recomputing the scores
-  // (csrc/cpu/lane_kernels.h). csrc/autograd.cpp calls them for CPU tensors; na3d_probs_numel is their
-  // size, for the fake kernels.
+  // (csrc/cpu/lane_kernels.h); the backward takes the gradient of lse instead of delta and forms delta
+  // from P and dP itself. csrc/autograd.cpp calls them for CPU tensors (the backward only with non-empty
+  // probabilities); na3d_probs_numel is their size, for the fake kernels.
   m.def(
       "na3d_fwd_probs(Tensor query, Tensor key, Tensor value, int[] kernel_size, bool[] causal_axes, "
       "bool raster_causal, bool shift_border, int[] stride, int[] slab, float scale) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "na3d_bwd_probs(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor delta, "
+      "na3d_bwd_probs(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor lse, Tensor? grad_lse, "
       "Tensor probs, int[] kernel_size, bool[] causal_axes, bool raster_causal, bool shift_border, int[] stride, "
       "int[] slab, float scale) -> (Tensor, Tensor, Tensor)");
   m.def(

@@ -507,14 +507,16 @@ def test_probs_pair_matches_the_recomputing_backward(case, dtype):
     assert abs(probs.double().sum().item() - queries) < TOLERANCE[dtype] * queries
     g = torch.Generator().manual_seed(3)
     go = torch.randn(out.shape, dtype=dtype, generator=g)
-    delta = (go * out).sum(-1) - torch.randn(lse.shape, dtype=dtype, generator=g)
-    want = torch.ops.nuwa_kernels.na3d_bwd(go, q, k, v, lse, delta, *rest)
+    glse = torch.randn(lse.shape, dtype=dtype, generator=g)
     poisoned = probs.masked_fill(probs == 0, float("nan"))
-    for p in (probs, poisoned):
-        got = torch.ops.nuwa_kernels.na3d_bwd_probs(go, q, k, v, lse, delta, p, *rest)
-        for a, b in zip(got, want):
-            assert torch.isfinite(a).all()
-            assert rel_err(a, b) < TOLERANCE[dtype]
+    for grad_lse in (glse, None):  # na3d_bwd_probs forms delta = rowsum(dO * O) - dLSE itself
+        delta = (go * out).sum(-1) - (grad_lse if grad_lse is not None else 0)
+        want = torch.ops.nuwa_kernels.na3d_bwd(go, q, k, v, lse, delta, *rest)
+        for p in (probs, poisoned):
+            got = torch.ops.nuwa_kernels.na3d_bwd_probs(go, q, k, v, lse, grad_lse, p, *rest)
+            for a, b in zip(got, want):
+                assert torch.isfinite(a).all()
+                assert rel_err(a, b) < TOLERANCE[dtype]
 
 
 def test_probs_pair_opcheck():
@@ -523,8 +525,9 @@ def test_probs_pair_opcheck():
     torch.library.opcheck(torch.ops.nuwa_kernels.na3d_fwd_probs.default, (q, k, v, *rest))
     out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
     go = torch.randn_like(out)
-    delta = (go * out).sum(-1)
-    torch.library.opcheck(torch.ops.nuwa_kernels.na3d_bwd_probs.default, (go, q, k, v, lse, delta, probs, *rest))
+    for grad_lse in (torch.randn_like(lse), None):
+        torch.library.opcheck(torch.ops.nuwa_kernels.na3d_bwd_probs.default,
+                              (go, q, k, v, lse, grad_lse, probs, *rest))
 
 
 def test_probs_pair_sizes_and_errors():
@@ -538,9 +541,9 @@ def test_probs_pair_sizes_and_errors():
         assert torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)[2].numel() == 0
     q, k, v, *rest = _op_args(PROBS_CASES[0])
     out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
-    delta = torch.zeros_like(lse)
-    with pytest.raises(RuntimeError, match="probs"):
-        torch.ops.nuwa_kernels.na3d_bwd_probs(out, q, k, v, lse, delta, probs[:-1], *rest)
+    for bad in (probs[:-1], probs[:0]):
+        with pytest.raises(RuntimeError, match="probs"):
+            torch.ops.nuwa_kernels.na3d_bwd_probs(out, q, k, v, lse, None, bad, *rest)
 
 
 def test_probs_bound_from_the_environment():

@@ -33,7 +33,10 @@
 // scale sum_e dS[e] K^T[...]. Key pass, per block of L keys (the entries from window.h's inverse windows,
 // raster causality kept as flat(query) >= flat(key)): rings of Q^T, dO^T, lse and delta over query
 // columns per head of the group, S^T = (scale K)^T-block . Q^T ring, dP^T = V^T-block . dO^T ring, then
-// dV^T += sum_e P[e] dO^T[...], dK^T += scale sum_e dS[e] Q^T[...], summed over the group's heads. Every
+// dV^T += sum_e P[e] dO^T[...], dK^T += scale sum_e dS[e] Q^T[...], summed over the group's heads. With
+// pair stores (small windows) one pass hands dS to the other: the key pass first (it recomputes S and
+// dP), or, when the forward kept P (na3d_bwd_probs), the query pass first (dP, delta = sum_e P dP - dLSE,
+// dS, dQ), the key pass then reading P and dS for dV and dK only. Every
 // output element is summed by one task in entry (shift) order, masked lanes adding exact zeros: no
 // atomics, and results that do not depend on the chunking into tasks nor on the thread count.
 //
@@ -1204,8 +1207,13 @@ constexpr int64_t kDsAhead = 2;
 template <typename S, bool kUnit>
 void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                         const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
-                        S* dq, const acc_t<S>* ds_in = nullptr, const DsStore* ds = nullptr) {
-  // ds_in: the key pass's dS (DsStore ds), read instead of recomputed.
+                        S* dq, const acc_t<S>* ds_in = nullptr, const DsStore* ds = nullptr,
+                        const acc_t<S>* p_in = nullptr, acc_t<S>* ds_out = nullptr) {
+  // ds_in: the key pass's dS (DsStore ds), read instead of recomputed. p_in: the forward's P (same
+  // layout), read instead of recomputing S; the pass then forms delta = sum_e P dP itself (minus dLSE:
+  // `delta` is then the gradient of lse, or null), before dS = P (dP - delta), and stores every pair's dS
+  // into ds_out for the key pass that follows (lane_bwd_dkv_kernel with ds_in): no rowsum(dO * O) pass
+  // over the output, and no scores recomputed anywhere in the backward.
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
@@ -1224,11 +1232,11 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t tring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dv) : (D + Dv) * ring;
   const int64_t scratch = tring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L + part;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
-  const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in ? ds : nullptr);
+  const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in || p_in ? ds : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& dsr = tables->rows;
   const bool stream_dq = stream_rows<S, A>(dq, double(pr.B) * heads * g.Nq, D);
-  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : 2 * D + Dv);
+  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : p_in ? D + Dv : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
@@ -1267,7 +1275,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
         if (kRows) {
           vrow.advance(q0 + L + g.smax);
         } else {
-          kr.advance(q0 + L + g.smax, tmp);
+          if (!p_in) kr.advance(q0 + L + g.smax, tmp);
           vr.advance(q0 + L + g.smax, tmp);
         }
       }
@@ -1301,9 +1309,59 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
           const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
           const int64_t pb = more ? q0 + nv : std::min(qb, q0 + 2 * L);
           if (pa < pb) {
-            prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
+            if (!p_in) prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
             prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g.H, g.W);
           }
+        }
+        if (p_in) {  // dP, then P from the forward and delta = sum_e P dP - dLSE, dS into Pb and ds_out
+          const int64_t hb = ds->base(b, head, heads) + q0;
+          const int32_t* rr = dsr.data() + (q0 / L) * et.stride;
+          if (q0 + kDsAhead * L < qb) {  // the rows' next lines, kDsAhead blocks ahead (one stream per row)
+            const int64_t bi = q0 / L + kDsAhead;
+            const int64_t* sh = et.shift.data() + bi * et.stride;
+            const int32_t* ra = dsr.data() + bi * et.stride;
+            for (int64_t e = 0; e < et.count[bi]; ++e) {
+              const int64_t off = hb + kDsAhead * L + ra[e] * ds->ld + sh[e] + L - 1;
+              prefetch_l2(p_in + off);
+              prefetch_l2(ds_out + off);
+            }
+          }
+          if constexpr (kRows) {
+#if defined(__AVX512F__)
+            // The block's dO rows in place when they are whole float rows (no copy), else packed.
+            const A* grows = Gt;
+            int64_t grs = Dv;
+            if constexpr (kUnit && std::is_same<S, A>::value) {
+              if (gflat && nv == L) {
+                grows = reinterpret_cast<const A*>(gh_.at(0, 0, 0)) + q0 * gh_.st.s[3];
+                grs = gh_.st.s[3];
+              }
+            }
+            if (grows == Gt) block_rows<kUnit>(Gt, gh_, q0, nv, g.H, g.W);
+            row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
+#endif
+          } else {
+            transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
+            lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
+          }
+          Vec<A> dl = {};  // one chain in entry order, as the forward's sums
+          for (int64_t e = 0; e < n; ++e) {
+            const Vec<A> p = lane_mask<A>(mask[e]) ? vld(p_in + hb + rr[e] * ds->ld + shift[e]) : Vec<A>{};
+            vst(Sb + e * L, p);
+            dl += p * vld(Pb + e * L);
+          }
+          if (delta) {
+            gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
+            dl -= vld(del_v);
+          }
+          for (int64_t e = 0; e < n; ++e) {
+            const Vec<A> x = vld(Sb + e * L) * (vld(Pb + e * L) - dl);
+            vst(Pb + e * L, x);
+            vst(ds_out + hb + rr[e] * ds->ld + shift[e], x);  // the block's own elements of row rr[e]
+          }
+          pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask,
+                     n, nv);
+          continue;
         }
         if constexpr (kRows) {
 #if defined(__AVX512F__)
@@ -1341,9 +1399,11 @@ template <typename S, bool kUnit>
 void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                          const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
                          S* dk, S* dv, acc_t<S>* ds_out = nullptr, const DsStore* ds = nullptr,
-                         const acc_t<S>* p_in = nullptr) {
+                         const acc_t<S>* p_in = nullptr, const acc_t<S>* ds_in = nullptr) {
   // ds_out: where to store every pair's dS (DsStore ds) for the query pass; p_in: the forward's P (same
-  // layout), read instead of recomputing S.
+  // layout), read instead of recomputing S; ds_in (with p_in): dS from the query pass that ran first
+  // (lane_bwd_dq_kernel with p_in), read instead of recomputing dP: no score product at all, only
+  // dV = P^T dO and dK = scale dS^T Q.
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr, /*key_side=*/true);  // Nq: keys (the blocks), Nk: queries (the rings)
@@ -1364,12 +1424,12 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
                                    RowRing<S, kUnit, A>::elems(g, L, Dv)) +
                           (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0) + part;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
-  const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out || p_in ? ds : nullptr);
+  const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out || p_in || ds_in ? ds : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& dsr = tables->rows;
   const bool stream_dkv = stream_rows<S, A>(dk, double(pr.B) * heads_kv * g.Nq, D) &&
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * g.Nq, Dv);
-  const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
+  const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * (ds_in ? 1 : 2) * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
@@ -1431,16 +1491,16 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       const uint32_t* mask;
       const int64_t n = et.get<L, true>(pr, g, k0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       qrow[0].slots(k0, shift, n, col);
-      if (k0 + L < kb) {  // the next block's key and value rows
-        prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
+      if (k0 + L < kb && !ds_in) {  // the next block's key and value rows
+        if (!p_in) prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
         prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
       }
       if constexpr (kRows) {
         if (!p_in) block_rows<kUnit>(Kt, kh_, k0, nv, g.H, g.W);
-        block_rows<kUnit>(Vt, vh, k0, nv, g.H, g.W);
+        if (!ds_in) block_rows<kUnit>(Vt, vh, k0, nv, g.H, g.W);
       } else {
         if (!p_in) transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
-        transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
+        if (!ds_in) transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
       }
       const int64_t row0 = (b * g.Nq + k0) * heads_kv + gh;
       const int32_t* rr = dsr.empty() ? nullptr : dsr.data() + (k0 / L) * et.stride;
@@ -1449,14 +1509,15 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
           if (!kRows) qr[j].advance(k0 + L + g.smax, tmp);
           lr[j].advance(k0 + L + g.smax, tmp);
         }
-        if (!kRows) gr[j].advance(k0 + L + g.smax, tmp);
-        dr[j].advance(k0 + L + g.smax, tmp);
+        if (!kRows && !ds_in) gr[j].advance(k0 + L + g.smax, tmp);
+        if (!ds_in) dr[j].advance(k0 + L + g.smax, tmp);
         qrow[j].advance(k0 + L + g.smax);
         grow[j].advance(k0 + L + g.smax);
 #if defined(__AVX512F__)
         __m512* const part_v = reinterpret_cast<__m512*>(pbuf);
 #endif
-        if constexpr (kRows) {
+        if (ds_in) {
+        } else if constexpr (kRows) {
 #if defined(__AVX512F__)
           row_scores(Pb, Vt, Dv, grow[j].buf, col, n, Dv, A(1), part_v);
 #endif
@@ -1465,13 +1526,14 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         }
         // P into Sb (0 on masked lanes): from the forward (masked lanes read elements of no pair), or
         // recomputed from S; then dS = P (dP - delta) into Pb.
-        if ((p_in || ds_out) && k0 + kDsAhead * L < kb) {  // the stores' rows kDsAhead blocks ahead (one
+        if ((p_in || ds_out || ds_in) && k0 + kDsAhead * L < kb) {  // the stores' rows kDsAhead blocks ahead (one
           const int64_t bi = k0 / L + kDsAhead;               // stream per row, as the query pass's dS)
           const int32_t* ra = dsr.data() + bi * et.stride;
           const int64_t off = ds->base(b, gh * group + j, pr.heads) + k0 + kDsAhead * L + L - 1;
           for (int64_t e = 0; e < et.count[bi]; ++e) {
             if (p_in) prefetch_l2(p_in + off + ra[e] * ds->ld);
             if (ds_out) prefetch_l2(ds_out + off + ra[e] * ds->ld);
+            if (ds_in) prefetch_l2(ds_in + off + ra[e] * ds->ld);
           }
         }
         if (p_in) {
@@ -1490,8 +1552,13 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
             vst(Sb + e * L, lane_mask<A>(mask[e]) ? p : Vec<A>{});
           }
         }
-        for (int64_t e = 0; e < n; ++e)
-          vst(Pb + e * L, vld(Sb + e * L) * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+        if (ds_in) {  // dS from the query pass (masked lanes read elements of no pair)
+          const A* db = ds_in + ds->base(b, gh * group + j, pr.heads) + k0;
+          for (int64_t e = 0; e < n; ++e) vst(Pb + e * L, lane_mask<A>(mask[e]) ? vld(db + rr[e] * ds->ld) : Vec<A>{});
+        } else {
+          for (int64_t e = 0; e < n; ++e)
+            vst(Pb + e * L, vld(Sb + e * L) * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+        }
         if (ds_out) {
           A* dsb = ds_out + ds->base(b, gh * group + j, pr.heads) + k0;
           for (int64_t e = 0; e < n; ++e) vst(dsb + rr[e] * ds->ld, vld(Pb + e * L));

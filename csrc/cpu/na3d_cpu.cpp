@@ -50,6 +50,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -1118,7 +1119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_probs_cpu(
                        /*want_probs=*/true);
 }
 
-// probs: na3d_fwd_probs's third output (empty: none), read by the key pass instead of recomputing S.
+// probs: na3d_fwd_probs's third output (undefined: none, the na3d_bwd op), read by both passes instead of
+// recomputing S. Without probs, delta_in is the backward's delta = rowsum(dO * O) - dLSE; with probs, it is
+// dLSE alone (undefined: none), and the query pass forms delta = sum over the window of P dP - dLSE itself
+// (the same quantity: O = sum P V), so the backward needs neither O nor a pass over it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& lse_in, const at::Tensor& delta_in, const at::Tensor& probs, at::IntArrayRef kernel_size,
@@ -1133,16 +1137,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
               ", got ", grad_out.sizes());
   TORCH_CHECK(lse_in.sizes() == query.sizes().slice(0, 5), "na3d_bwd: lse must have shape ",
               query.sizes().slice(0, 5), ", got ", lse_in.sizes());
-  TORCH_CHECK(delta_in.sizes() == query.sizes().slice(0, 5), "na3d_bwd: delta must have shape ",
-              query.sizes().slice(0, 5), ", got ", delta_in.sizes());
-  TORCH_CHECK(grad_out.device() == query.device() && lse_in.device() == query.device() &&
-                  delta_in.device() == query.device(),
+  const bool with_probs = probs.defined();
+  const char* delta_name = with_probs ? "grad_lse" : "delta";
+  if (!with_probs || delta_in.defined()) {
+    TORCH_CHECK(delta_in.sizes() == query.sizes().slice(0, 5), "na3d_bwd: ", delta_name, " must have shape ",
+                query.sizes().slice(0, 5), ", got ", delta_in.sizes());
+    TORCH_CHECK(delta_in.device() == query.device(), "na3d_bwd: all tensors must be on the same device");
+  }
+  TORCH_CHECK(grad_out.device() == query.device() && lse_in.device() == query.device(),
               "na3d_bwd: all tensors must be on the same device");
   // grad_out in the input dtype, lse/delta in the accumulation dtype: converted only if they differ
   // (O(B * N * heads) for lse/delta).
   const at::Tensor go = grad_out.scalar_type() == dtype ? grad_out : grad_out.to(dtype);
   const at::Tensor lse = lse_in.scalar_type() == acc ? lse_in : lse_in.to(acc);
-  const at::Tensor delta = delta_in.scalar_type() == acc ? delta_in : delta_in.to(acc);
+  const at::Tensor delta =
+      !delta_in.defined() ? at::Tensor() : delta_in.scalar_type() == acc ? delta_in : delta_in.to(acc);
 
   at::Tensor dq = pooled_empty(query.sizes(), query.options());
   at::Tensor dk = pooled_empty(key.sizes(), key.options());
@@ -1155,6 +1164,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
   }
   const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale);
   const bool unit = unit_last(query) && unit_last(key) && unit_last(value) && unit_last(go);
+  if (with_probs) {  // the layout of the dS store (probs_per_query() <= kDsPerQuery), whose size it has
+    const int64_t want = dtype == at::kDouble ? lane_pair_store_elems<double>(pr, kDsPerQuery)
+                                              : lane_pair_store_elems<float>(pr, kDsPerQuery);
+    TORCH_CHECK(want > 0 && probs.numel() == want && probs.scalar_type() == acc && probs.is_contiguous() &&
+                    probs.device().is_cpu(),
+                "na3d_bwd_probs: probs must be na3d_fwd_probs's third output for these arguments (non-empty: "
+                "without probabilities, call na3d_bwd)");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "na3d_bwd_cpu", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* gp = go.const_data_ptr<scalar_t>();
@@ -1162,9 +1179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
     const A* lp = lse.const_data_ptr<A>();
-    const A* dlp = delta.const_data_ptr<A>();
+    const A* dlp = delta.defined() ? delta.const_data_ptr<A>() : nullptr;  // with probs: dLSE, or none
     const Strides gs = strides_of(go), qs = strides_of(query), ks = strides_of(key), vs = strides_of(value);
-    const Strides ls = strides_of(lse), dls = strides_of(delta);
+    const Strides ls = strides_of(lse), dls = delta.defined() ? strides_of(delta) : ls;
     const bool lanes = lanes_enabled() && lane_ok<A>(pr);
     with_unit(unit, [&](auto u) {
       constexpr bool kUnit = decltype(u)::value;
@@ -1172,13 +1189,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
         // Small windows: the key pass stores dS for the query pass (DsStore), when the store is small.
         constexpr int L = kLanes<A>;
         const int64_t ds_elems = lane_pair_store_elems<A>(pr, kDsPerQuery);
-        const A* p_in = nullptr;
-        if (probs.numel() > 0) {  // the same layout as the dS store (probs_per_query() <= kDsPerQuery)
-          TORCH_CHECK(probs.numel() == ds_elems && probs.scalar_type() == acc && probs.is_contiguous() &&
-                          probs.device().is_cpu(),
-                      "na3d_bwd_probs: probs must be na3d_fwd_probs's third output for these arguments");
-          p_in = probs.const_data_ptr<A>();
-        }
         if (ds_elems > 0) {
           DsStore st;
           st.init<L>(lane_geom(pr, /*key_side=*/true));
@@ -1187,8 +1197,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
             A* p;
             ~Free() { pool_free(p); }
           } free_buf{buf};
+          if (with_probs) {  // the query pass first (dP, delta, dS into buf), then the key pass reads dS
+            const A* p_in = probs.const_data_ptr<A>();
+            lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
+                                                dq.data_ptr<scalar_t>(), nullptr, &st, p_in, buf);
+            lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, lp, ls,
+                                                 dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), nullptr, &st,
+                                                 p_in, buf);
+            return;
+          }
           lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
-                                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), buf, &st, p_in);
+                                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), buf, &st);
           lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
                                               dq.data_ptr<scalar_t>(), buf, &st);
           return;
@@ -1217,10 +1236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_probs_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-    const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& probs, at::IntArrayRef kernel_size,
-    c10::List<bool> causal_axes, bool raster_causal, bool shift_border, at::IntArrayRef stride, at::IntArrayRef slab,
-    double scale) {
-  return na3d_bwd_impl(grad_out, query, key, value, lse, delta, probs, kernel_size, causal_axes, raster_causal,
+    const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse, const at::Tensor& probs,
+    at::IntArrayRef kernel_size, c10::List<bool> causal_axes, bool raster_causal, bool shift_border,
+    at::IntArrayRef stride, at::IntArrayRef slab, double scale) {
+  const at::Tensor glse = grad_lse.has_value() ? *grad_lse : at::Tensor();
+  return na3d_bwd_impl(grad_out, query, key, value, lse, glse, probs, kernel_size, causal_axes, raster_causal,
                        shift_border, stride, slab, scale);
 }
 

@@ -95,8 +95,8 @@ def _fake_fwd_probs(query, key, value, *window_args_and_scale):
     return out, lse, query.new_empty((n,), dtype=_ops.accum_dtype(query.dtype))
 
 
-def _fake_bwd_probs(grad_out, query, key, value, lse, delta, probs, *window_args_and_scale):
-    return _ops._fake_bwd(grad_out, query, key, value, lse, delta)
+def _fake_bwd_probs(grad_out, query, key, value, lse, grad_lse, probs, *window_args_and_scale):
+    return _ops._fake_bwd(grad_out, query, key, value, lse, lse)
 
 
 def _fake_delta(grad_out, out, grad_lse=None):
