@@ -767,15 +767,14 @@ inline bool stream_rows(const S* out, double rows, int64_t X) {
          (reinterpret_cast<uintptr_t>(out) % 64) == 0 && (X * sizeof(S)) % 64 == 0;
 }
 
-// How many groups of L columns ahead the rings prefetch their input rows.
+// How many groups of L columns ahead the rings prefetch their input rows. Two: a block's work covers the
+// memory latency many times over, and more lines in flight only fill the miss buffers, where the
+// prefetch instructions then wait (NÜWA forward, one thread, against four: (1,3,3) 2.83-3.01 -> 2.72-2.77
+// ms, (3,3,3) 5.63-5.74 -> 5.23-5.39; the key pass measured about 7% faster).
 #ifndef NUWA_PREFETCH_AHEAD
-#define NUWA_PREFETCH_AHEAD 4
+#define NUWA_PREFETCH_AHEAD 2
 #endif
 constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
-// The backward's key pass advances four row rings per head (Q, dO, and the lse / delta columns) and
-// streams two pair stores: its rows are prefetched two groups ahead (NÜWA (3,3,3) key pass: about 7%
-// faster than four; the forward measured no better with two).
-constexpr int kKeyPassPrefetchAhead = NUWA_PREFETCH_AHEAD < 2 ? NUWA_PREFETCH_AHEAD : 2;
 
 // Slots of columns base + shift[e] (|shift| < R) in a ring of R slots starting at column `origin`, one
 // division in all.
@@ -800,7 +799,6 @@ struct TransposedRing {
   HeadRows<S> hr;
   bool direct;
   const LaneGeom* g;
-  int64_t ahead = kPrefetchAhead;  // groups of L columns prefetched ahead of the ring's end
 
   static int64_t size_for(const LaneGeom& g, int L) { return round_up(g.smax - g.smin + 3 * L, L) + L; }
 
@@ -822,7 +820,8 @@ struct TransposedRing {
       const int64_t a = std::max<int64_t>(hi, 0), b = std::min<int64_t>(hi + L, g->Nk);
       const int64_t X = hr.X;
       if (b - a == L) {
-        if (hi + ahead * L + L <= g->Nk) prefetch_tokens(hr, hi + ahead * L, hi + ahead * L + L, g->H, g->W);
+        if (hi + kPrefetchAhead * L + L <= g->Nk)
+          prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
         const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, b, g->H, g->W, tmp);
         transpose_rows(buf + slot, ld, tr.p, tr.rs, L, X);
       } else {
@@ -854,7 +853,6 @@ struct RowRing {
   int64_t R, origin, hi;
   HeadRows<S> hr;
   const LaneGeom* g;
-  int64_t ahead = kPrefetchAhead;  // groups of L columns prefetched ahead of the ring's end
 
   static int64_t size_for(const LaneGeom& g, int L) { return TransposedRing<S, kUnit, A>::size_for(g, L); }
   // Elements of the ring for rows of X elements.
@@ -877,7 +875,8 @@ struct RowRing {
       A* dst = buf + slot * X;
       if (b - a < L) std::fill(dst, dst + L * X, A(0));
       if (b > a) {
-        if (hi + ahead * L + L <= g->Nk) prefetch_tokens(hr, hi + ahead * L, hi + ahead * L + L, g->H, g->W);
+        if (hi + kPrefetchAhead * L + L <= g->Nk)
+          prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
         for_each_segment(a, b, g->H, g->W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t pos) {
           hr.template gather<kUnit>(dst + (pos - hi) * X, t, h, w, n);
         });
@@ -1017,6 +1016,25 @@ inline void block_rows(A* dst, const HeadRows<S>& hr, int64_t a, int nv, int64_t
   if (nv < L) std::fill(dst + nv * hr.X, dst + L * hr.X, A(0));
 }
 
+// The block's rows for row_scores' query side, row stride in *rs: read in place when they are rows of
+// the accumulation type, evenly spaced (`flat`) and the block is full, else packed into buf
+// (block_rows). In place is faster although the rows are 2 KiB apart (8 heads, D = 64): each row is
+// loaded once per batch of entries, and the copy stalled on every row's first touch (NÜWA forward, one
+// thread: (3,3,3) 5.9 -> 5.4 ms, (1,3,3) 3.2 -> 2.7).
+template <bool kUnit, typename S, typename A>
+inline const A* block_rows_at(A* buf, const HeadRows<S>& hr, bool flat, int64_t a, int nv, int64_t H, int64_t W,
+                              int64_t* rs) {
+  if constexpr (kUnit && std::is_same<S, A>::value) {
+    if (flat && nv == kLanes<A>) {
+      *rs = hr.st.s[3];
+      return reinterpret_cast<const A*>(hr.at(0, 0, 0)) + a * hr.st.s[3];
+    }
+  }
+  block_rows<kUnit>(buf, hr, a, nv, H, W);
+  *rs = hr.X;
+  return buf;
+}
+
 // probs (optional): every pair's probability, stored in the DsStore layout `ps` for the backward's key
 // pass. Every block writes all the elements it owns (DsStore::zero_unowned), zeros where its lanes have
 // no pair: each element is written once, no clearing pass.
@@ -1107,10 +1125,11 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           prefetch_tokens(head_rows(q, qs, b, head + 1, D), q0, q0 + nv, g.H, g.W);
         else if (q0 + L < qb)
           prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g.H, g.W);
-        if constexpr (kRows) {  // the block's query rows, contiguous (rows past the block: zeros)
+        if constexpr (kRows) {  // the block's query rows (packed: rows past the block zeros)
 #if defined(__AVX512F__)
-          block_rows<kUnit>(tmp, qh, q0, nv, g.H, g.W);
-          row_scores(Sb, tmp, D, kr.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
+          int64_t qrs;
+          const A* qrows = block_rows_at<kUnit>(tmp, qh, qflat, q0, nv, g.H, g.W, &qrs);
+          row_scores(Sb, qrows, qrs, kr.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
 #endif
         } else {  // Q^T of the block, scaled
           const TokenRows<S, kUnit, A> qr = token_rows<kUnit>(qh, qflat, q0, q0 + nv, g.H, g.W, tmp);
@@ -1328,16 +1347,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
           }
           if constexpr (kRows) {
 #if defined(__AVX512F__)
-            // The block's dO rows in place when they are whole float rows (no copy), else packed.
-            const A* grows = Gt;
-            int64_t grs = Dv;
-            if constexpr (kUnit && std::is_same<S, A>::value) {
-              if (gflat && nv == L) {
-                grows = reinterpret_cast<const A*>(gh_.at(0, 0, 0)) + q0 * gh_.st.s[3];
-                grs = gh_.st.s[3];
-              }
-            }
-            if (grows == Gt) block_rows<kUnit>(Gt, gh_, q0, nv, g.H, g.W);
+            int64_t grs;
+            const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
             row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
 #endif
           } else {
@@ -1365,10 +1376,11 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
         }
         if constexpr (kRows) {
 #if defined(__AVX512F__)
-          block_rows<kUnit>(Qt, qh, q0, nv, g.H, g.W);
-          block_rows<kUnit>(Gt, gh_, q0, nv, g.H, g.W);
-          row_scores(Sb, Qt, D, krow.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
-          row_scores(Pb, Gt, Dv, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
+          int64_t qrs, grs;
+          const A* qrows = block_rows_at<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, &qrs);
+          const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
+          row_scores(Sb, qrows, qrs, krow.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
+          row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
 #endif
         } else {
           transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
@@ -1462,23 +1474,17 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       const int64_t head = gh * group + j;
       if (!kRows) {
         qr[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D), qflat);
-        qr[j].ahead = kKeyPassPrefetchAhead;
         rp += D * qr[j].ld;
         gr[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv), gflat);
-        gr[j].ahead = kKeyPassPrefetchAhead;
         rp += Dv * gr[j].ld;
       }
       lr[j].init(rp, g, L, first_col, head_rows(lse, ls, b, head, 1), lflat);
-      lr[j].ahead = kKeyPassPrefetchAhead;
       rp += lr[j].ld;
       dr[j].init(rp, g, L, first_col, head_rows(delta, dls, b, head, 1), dflat);
-      dr[j].ahead = kKeyPassPrefetchAhead;
       rp += dr[j].ld;
       qrow[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D));
-      qrow[j].ahead = kKeyPassPrefetchAhead;
       rp += RowRing<S, kUnit, A>::elems(g, L, D);
       grow[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv));
-      grow[j].ahead = kKeyPassPrefetchAhead;
       rp += RowRing<S, kUnit, A>::elems(g, L, Dv);
     }
     A* dKs = rp;           // [L][D]  dK sums over the group's heads but the last
@@ -1495,9 +1501,12 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         if (!p_in) prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
         prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
       }
+      const A* krows = Kt;  // the block's key and value rows (row_scores: in place or packed)
+      const A* vrows = Vt;
+      int64_t krs = D, vrs = Dv;
       if constexpr (kRows) {
-        if (!p_in) block_rows<kUnit>(Kt, kh_, k0, nv, g.H, g.W);
-        if (!ds_in) block_rows<kUnit>(Vt, vh, k0, nv, g.H, g.W);
+        if (!p_in) krows = block_rows_at<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, &krs);
+        if (!ds_in) vrows = block_rows_at<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, &vrs);
       } else {
         if (!p_in) transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
         if (!ds_in) transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
@@ -1519,7 +1528,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         if (ds_in) {
         } else if constexpr (kRows) {
 #if defined(__AVX512F__)
-          row_scores(Pb, Vt, Dv, grow[j].buf, col, n, Dv, A(1), part_v);
+          row_scores(Pb, vrows, vrs, grow[j].buf, col, n, Dv, A(1), part_v);
 #endif
         } else {
           lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
@@ -1542,7 +1551,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         } else {
           if constexpr (kRows) {
 #if defined(__AVX512F__)
-            row_scores(Sb, Kt, D, qrow[j].buf, col, n, D, scale, part_v);
+            row_scores(Sb, krows, krs, qrow[j].buf, col, n, D, scale, part_v);
 #endif
           } else {
             lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
