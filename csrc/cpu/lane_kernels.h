@@ -1052,7 +1052,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t chunk = round_up(std::max<int64_t>((g.Nq + want - 1) / want, 1), L);
   const int64_t nch = (g.Nq + chunk - 1) / chunk;
   const int64_t ntask = pr.B * pr.heads_kv * nch;
-  const bool kflat = flat_strides(ks, g.H, g.W), vflat = flat_strides(vs, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
+  const bool kflat = flat_strides(ks, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
   // AVX-512 float: keys as rows and row_scores; otherwise K^T columns and lane_scores.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   using KRing = typename std::conditional<kRows, RowRing<S, kUnit, A>, TransposedRing<S, kUnit, A>>::type;
@@ -1100,7 +1100,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     else
       kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
     vr.init(kbuf + kring, g, L, first_col, head_rows(v, vs, b, gh, Dv));
-    A* pbuf = kbuf + kring + RowRing<S, kUnit, A>::elems(g, L, Dv);
+    [[maybe_unused]] A* pbuf = kbuf + kring + RowRing<S, kUnit, A>::elems(g, L, Dv);
     const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
@@ -1287,7 +1287,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
       vrow.init(kbuf, g, L, first_col, head_rows(v, vs, b, gh, Dv));
     }
     krow.init(kbuf + tring, g, L, first_col, head_rows(k, ks, b, gh, D));
-    A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, D);
+    [[maybe_unused]] A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, D);
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
       if (!ds_in) {
@@ -1489,7 +1489,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     }
     A* dKs = rp;           // [L][D]  dK sums over the group's heads but the last
     A* dVs = dKs + L * D;  // [L][Dv] dV sums
-    A* pbuf = dKs + (group > 1 ? L * (D + Dv) : 0);  // row_scores' partial sums
+    [[maybe_unused]] A* pbuf = dKs + (group > 1 ? L * (D + Dv) : 0);  // row_scores' partial sums
     const HeadRows<S> kh_ = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
     for (int64_t k0 = ka; k0 < kb; k0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, kb - k0));

@@ -895,7 +895,7 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
                     const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
                     S* dk, S* dv) {
   using A = acc_t<S>;
-  const int64_t H = pr.p.q_len[1], W = pr.p.q_len[2];
+  const int64_t W = pr.p.q_len[2];
   const int64_t Tk = pr.p.k_len[0], Hk = pr.p.k_len[1], Wk = pr.p.k_len[2];
   const int64_t D = pr.D, Dv = pr.Dv, heads_kv = pr.heads_kv, group = pr.group;
   const A scale = static_cast<A>(pr.scale);
