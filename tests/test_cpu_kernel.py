@@ -544,6 +544,8 @@ def test_probs_pair_sizes_and_errors():
     for bad in (probs[:-1], probs[:0]):
         with pytest.raises(RuntimeError, match="probs"):
             torch.ops.nuwa_kernels.na3d_bwd_probs(out, q, k, v, lse, None, bad, *rest)
+    with pytest.raises(RuntimeError, match="grad_lse must have shape"):
+        torch.ops.nuwa_kernels.na3d_bwd_probs(out, q, k, v, lse, lse[..., :1], probs, *rest)
 
 
 def test_probs_bound_from_the_environment():

@@ -1019,8 +1019,8 @@ inline void block_rows(A* dst, const HeadRows<S>& hr, int64_t a, int nv, int64_t
 // The block's rows for row_scores' query side, row stride in *rs: read in place when they are rows of
 // the accumulation type, evenly spaced (`flat`) and the block is full, else packed into buf
 // (block_rows). In place is faster although the rows are 2 KiB apart (8 heads, D = 64): each row is
-// loaded once per batch of entries, and the copy stalled on every row's first touch (NÜWA forward, one
-// thread: (3,3,3) 5.9 -> 5.4 ms, (1,3,3) 3.2 -> 2.7).
+// loaded once per batch of entries, and the copy stalled on every row's first touch (NÜWA (3,3,3)
+// forward, one thread, alternating runs: 5.60-5.86 -> 5.36-5.39 ms; (1,3,3): within the noise).
 template <bool kUnit, typename S, typename A>
 inline const A* block_rows_at(A* buf, const HeadRows<S>& hr, bool flat, int64_t a, int nv, int64_t H, int64_t W,
                               int64_t* rs) {
@@ -1525,16 +1525,17 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
 #if defined(__AVX512F__)
         __m512* const part_v = reinterpret_cast<__m512*>(pbuf);
 #endif
-        if (ds_in) {
-        } else if constexpr (kRows) {
+        if (!ds_in) {  // dP^T into Pb
+          if constexpr (kRows) {
 #if defined(__AVX512F__)
-          row_scores(Pb, vrows, vrs, grow[j].buf, col, n, Dv, A(1), part_v);
+            row_scores(Pb, vrows, vrs, grow[j].buf, col, n, Dv, A(1), part_v);
 #endif
-        } else {
-          lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
+          } else {
+            lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
+          }
         }
         // P into Sb (0 on masked lanes): from the forward (masked lanes read elements of no pair), or
-        // recomputed from S; then dS = P (dP - delta) into Pb.
+        // recomputed from S; then dS into Pb: read from the query pass, or P (dP - delta).
         if ((p_in || ds_out || ds_in) && k0 + kDsAhead * L < kb) {  // the stores' rows kDsAhead blocks ahead (one
           const int64_t bi = k0 / L + kDsAhead;               // stream per row, as the query pass's dS)
           const int32_t* ra = dsr.data() + bi * et.stride;

@@ -1186,7 +1186,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
     with_unit(unit, [&](auto u) {
       constexpr bool kUnit = decltype(u)::value;
       if (lanes) {
-        // Small windows: the key pass stores dS for the query pass (DsStore), when the store is small.
+        // Small windows, when the store is small: one pass stores dS for the other (DsStore): the query
+        // pass for the key pass with the forward's probabilities, else the key pass for the query pass.
         constexpr int L = kLanes<A>;
         const int64_t ds_elems = lane_pair_store_elems<A>(pr, kDsPerQuery);
         if (ds_elems > 0) {
