@@ -7,8 +7,9 @@
 // scores' recomputation and forms delta itself (sum of P dP over the window, minus dLSE). Under grad mode
 // (create_graph=True: a gradient penalty, double backward) the backward instead calls
 // na3d_bwd_recompute, whose CompositeImplicitAutograd kernel is the Python reference's differentiable
-// recomputation (nuwa_kernels/backends/_fused_ops.py), so second order is exact. A Python autograd.Function on this path costs tens of microseconds a call
-// (benchmarks/host_overhead.py); this costs a few. Every call goes through the dispatcher, so
+// recomputation (nuwa_kernels/backends/_fused_ops.py), so second order is exact. A Python
+// autograd.Function on this path costs tens of microseconds a call (benchmarks/host_overhead.py); this
+// costs a few. Every call goes through the dispatcher, so
 // torch.compile traces the same formula with the ops' fake kernels.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

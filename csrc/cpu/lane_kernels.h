@@ -1288,7 +1288,20 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     }
     krow.init(kbuf + tring, g, L, first_col, head_rows(k, ks, b, gh, D));
     [[maybe_unused]] A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, D);
-    for (int64_t q0 = qa; q0 < qb; q0 += L) {
+    int64_t q0 = qa;
+    // The pair stores' lines of block q0 + kDsAhead * L (one stream per row), at hb (base + q0).
+    const auto prefetch_stores = [&](int64_t hb, const A* s0, const A* s1) {
+      if (q0 + kDsAhead * L >= qb) return;
+      const int64_t bi = q0 / L + kDsAhead;
+      const int64_t* sh = et.shift.data() + bi * et.stride;
+      const int32_t* ra = dsr.data() + bi * et.stride;
+      for (int64_t e = 0; e < et.count[bi]; ++e) {
+        const int64_t off = hb + kDsAhead * L + ra[e] * ds->ld + sh[e] + L - 1;
+        prefetch_l2(s0 + off);
+        if (s1) prefetch_l2(s1 + off);
+      }
+    };
+    for (; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
       if (!ds_in) {
         if (kRows) {
@@ -1304,97 +1317,77 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       krow.slots(q0, shift, n, col);
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
+        const int64_t hb = ds ? ds->base(b, head, heads) + q0 : 0;  // the pair stores' rows of the block
+        const int32_t* rr = dsr.empty() ? nullptr : dsr.data() + (q0 / L) * et.stride;
         if (ds_in) {  // dS from the key pass; masked lanes read other pairs' (or unwritten) slots: zeroed
-          const A* dsb = ds_in + ds->base(b, head, heads) + q0;
-          const int32_t* rr = dsr.data() + (q0 / L) * et.stride;
-          if (q0 + kDsAhead * L < qb) {  // the rows' next lines, kDsAhead blocks ahead (one stream per row)
-            const int64_t bi = q0 / L + kDsAhead;
-            const int64_t* sh = et.shift.data() + bi * et.stride;
-            const int32_t* ra = dsr.data() + bi * et.stride;
-            for (int64_t e = 0; e < et.count[bi]; ++e) prefetch_l2(dsb + kDsAhead * L + ra[e] * ds->ld + sh[e] + L - 1);
-          }
+          prefetch_stores(hb, ds_in, nullptr);
           for (int64_t e = 0; e < n; ++e) {
-            const Vec<A> x = vld(dsb + rr[e] * ds->ld + shift[e]);
+            const Vec<A> x = vld(ds_in + hb + rr[e] * ds->ld + shift[e]);
             vst(Pb + e * L, lane_mask<A>(mask[e]) ? x : Vec<A>{});
           }
-          pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask,
-                     n, nv);
-          continue;
-        }
-        const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
-        // Prefetch the next head's (or block's) query and output-gradient rows.
-        {
-          const bool more = head + 1 < (gh + 1) * group;
-          const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
-          const int64_t pb = more ? q0 + nv : std::min(qb, q0 + 2 * L);
-          if (pa < pb) {
-            if (!p_in) prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
-            prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g.H, g.W);
-          }
-        }
-        if (p_in) {  // dP, then P from the forward and delta = sum_e P dP - dLSE, dS into Pb and ds_out
-          const int64_t hb = ds->base(b, head, heads) + q0;
-          const int32_t* rr = dsr.data() + (q0 / L) * et.stride;
-          if (q0 + kDsAhead * L < qb) {  // the rows' next lines, kDsAhead blocks ahead (one stream per row)
-            const int64_t bi = q0 / L + kDsAhead;
-            const int64_t* sh = et.shift.data() + bi * et.stride;
-            const int32_t* ra = dsr.data() + bi * et.stride;
-            for (int64_t e = 0; e < et.count[bi]; ++e) {
-              const int64_t off = hb + kDsAhead * L + ra[e] * ds->ld + sh[e] + L - 1;
-              prefetch_l2(p_in + off);
-              prefetch_l2(ds_out + off);
+        } else {
+          const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
+          // Prefetch the next head's (or block's) query and output-gradient rows.
+          {
+            const bool more = head + 1 < (gh + 1) * group;
+            const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
+            const int64_t pb = more ? q0 + nv : std::min(qb, q0 + 2 * L);
+            if (pa < pb) {
+              if (!p_in) prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
+              prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g.H, g.W);
             }
           }
-          if constexpr (kRows) {
+          if (p_in) {  // dP, then P from the forward and delta = sum_e P dP - dLSE, dS into Pb and ds_out
+            prefetch_stores(hb, p_in, ds_out);
+            if constexpr (kRows) {
 #if defined(__AVX512F__)
-            int64_t grs;
-            const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
-            row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
+              int64_t grs;
+              const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
+              row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
 #endif
+            } else {
+              transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
+              lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
+            }
+            Vec<A> dl = {};  // one chain in entry order, as the forward's sums
+            for (int64_t e = 0; e < n; ++e) {
+              const Vec<A> p = lane_mask<A>(mask[e]) ? vld(p_in + hb + rr[e] * ds->ld + shift[e]) : Vec<A>{};
+              vst(Sb + e * L, p);
+              dl += p * vld(Pb + e * L);
+            }
+            if (delta) {
+              gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
+              dl -= vld(del_v);
+            }
+            for (int64_t e = 0; e < n; ++e) {
+              const Vec<A> x = vld(Sb + e * L) * (vld(Pb + e * L) - dl);
+              vst(Pb + e * L, x);
+              vst(ds_out + hb + rr[e] * ds->ld + shift[e], x);  // the block's own elements of row rr[e]
+            }
           } else {
-            transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
-            lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
-          }
-          Vec<A> dl = {};  // one chain in entry order, as the forward's sums
-          for (int64_t e = 0; e < n; ++e) {
-            const Vec<A> p = lane_mask<A>(mask[e]) ? vld(p_in + hb + rr[e] * ds->ld + shift[e]) : Vec<A>{};
-            vst(Sb + e * L, p);
-            dl += p * vld(Pb + e * L);
-          }
-          if (delta) {
-            gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
-            dl -= vld(del_v);
-          }
-          for (int64_t e = 0; e < n; ++e) {
-            const Vec<A> x = vld(Sb + e * L) * (vld(Pb + e * L) - dl);
-            vst(Pb + e * L, x);
-            vst(ds_out + hb + rr[e] * ds->ld + shift[e], x);  // the block's own elements of row rr[e]
-          }
-          pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask,
-                     n, nv);
-          continue;
-        }
-        if constexpr (kRows) {
+            if constexpr (kRows) {
 #if defined(__AVX512F__)
-          int64_t qrs, grs;
-          const A* qrows = block_rows_at<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, &qrs);
-          const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
-          row_scores(Sb, qrows, qrs, krow.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
-          row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
+              int64_t qrs, grs;
+              const A* qrows = block_rows_at<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, &qrs);
+              const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
+              row_scores(Sb, qrows, qrs, krow.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
+              row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
 #endif
-        } else {
-          transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
-          transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
-          lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
-          lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
-        }
-        gather_lane_stats(lse_v, head_rows(lse, ls, b, head, 1), q0, nv, g.H, g.W);
-        gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
-        const Vec<A> lv = vld(lse_v), dv = vld(del_v);
-        for (int64_t e = 0; e < n; ++e) {
-          const Vec<A> p0 = exp_vec(vld(Sb + e * L) - lv);
-          const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
-          vst(Pb + e * L, p * (vld(Pb + e * L) - dv));
+            } else {
+              transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
+              transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
+              lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
+              lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
+            }
+            gather_lane_stats(lse_v, head_rows(lse, ls, b, head, 1), q0, nv, g.H, g.W);
+            gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
+            const Vec<A> lv = vld(lse_v), dv = vld(del_v);
+            for (int64_t e = 0; e < n; ++e) {
+              const Vec<A> p0 = exp_vec(vld(Sb + e * L) - lv);
+              const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
+              vst(Pb + e * L, p * (vld(Pb + e * L) - dv));
+            }
+          }
         }
         // dQ = scale dS K, in the natural layout: key rows from the ring, straight into the dQ rows.
         pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask,
