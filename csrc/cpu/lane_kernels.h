@@ -71,6 +71,19 @@ inline void vst(A* p, const Vec<A>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// vld into a register that the compiler cannot turn back into a memory operand of each of the vector's
+// users (GCC folds a plain load into every FMA that reads it, loading it again for each).
+template <typename A>
+__attribute__((always_inline)) inline Vec<A> vld_once(const A* p) {
+#if defined(__AVX__)
+  Vec<A> x;
+  __asm__("vmovups %1, %0" : "=v"(x) : "m"(*reinterpret_cast<const Vec<A>*>(p)));
+  return x;
+#else
+  return vld(p);
+#endif
+}
+
 // Lanes whose bit is set in `mask`, as an all-ones integer lane.
 template <typename A>
 inline VecI<A> lane_mask(uint32_t mask) {
@@ -914,13 +927,45 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
       for (int j = 0; j < NB; ++j) acc[u][j] = Vec<A>{};
   }
   constexpr uint32_t kBits = (1u << QB) - 1;
-  for (int64_t e = 0; e < n; ++e) {
-    if (!((mask[e] >> i) & kBits)) continue;
-    const A* r = rows + (col[e] + i) * X + d0;
-    const A* pe = P + e * L + i;
-    for (int u = 0; u < QB; ++u) {
-      const A pu = pe[u];
-      for (int j = 0; j < NB; ++j) acc[u][j] += pu * vld(r + u * X + j * L);
+  if constexpr (QB > 1 && kX != 0) {
+    // Runs of entries in consecutive ring rows (a window's rows along W): query u's row for the run's
+    // entry m is the run's row m + u, so row j serves queries u with entry j - u. Each row is loaded once
+    // for the group (M + QB - 1 rows for M entries instead of QB * M) and its products added query by query,
+    // each query's entries still in order.
+    for (int64_t e = 0; e < n;) {
+      int64_t M = 1;
+      uint32_t any = (mask[e] >> i) & kBits;
+      while (e + M < n && col[e + M] == col[e] + M) any |= (mask[e + M] >> i) & kBits, ++M;
+      if (any) {
+        const A* r = rows + (col[e] + i) * X + d0;
+        const A* pe = P + e * L + i;
+        // Row j, queries u in [ulo, uhi] (all QB of them in the run's middle, fewer at its ends).
+        auto row = [&](int64_t j, int ulo, int uhi) __attribute__((always_inline)) {
+          Vec<A> x[NB];
+          for (int c = 0; c < NB; ++c) x[c] = vld_once(r + j * X + c * L);
+          const A* pj = pe + j * L;  // query u's probability of entry j - u: pj[u - u * L]
+          for (int u = 0; u < QB; ++u) {
+            if (u < ulo || u > uhi) continue;
+            const A pu = pj[u - u * L];
+            for (int c = 0; c < NB; ++c) acc[u][c] += pu * x[c];
+          }
+        };
+        int64_t j = 0;
+        for (; j < QB - 1; ++j) row(j, static_cast<int>(std::max<int64_t>(0, j - M + 1)), static_cast<int>(j));
+        for (; j < M; ++j) row(j, 0, QB - 1);
+        for (; j < M + QB - 1; ++j) row(j, static_cast<int>(j - M + 1), QB - 1);
+      }
+      e += M;
+    }
+  } else {
+    for (int64_t e = 0; e < n; ++e) {
+      if (!((mask[e] >> i) & kBits)) continue;
+      const A* r = rows + (col[e] + i) * X + d0;
+      const A* pe = P + e * L + i;
+      for (int u = 0; u < QB; ++u) {
+        const A pu = pe[u];
+        for (int j = 0; j < NB; ++j) acc[u][j] += pu * vld(r + u * X + j * L);
+      }
     }
   }
   for (int u = 0; u < QB; ++u) {
