@@ -336,10 +336,12 @@ template <typename S>
 inline void prefetch_rows(const S* src, int64_t n, int64_t xs, int64_t ds, int64_t D) {
   const int64_t span = static_cast<int64_t>(sizeof(S)) * ((D - 1) * ds + 1);
   if (span > 4096) return;
-  for (int64_t j = 0; j < n; ++j) {
-    const char* p = reinterpret_cast<const char*>(src + j * xs);
-    for (int64_t o = 0; o < span; o += 64) prefetch_l2(p + o);
-  }
+  // Line by line across the rows (one constant stride per pass, which the hardware's stride prefetcher
+  // follows further), not row by row: NÜWA 10x21x21, 8 heads, one thread, alternating runs: (1,3,3)
+  // forward 2.85 -> 2.57 ms, (3,3,3) 5.03 -> 4.75, (7,7,7) 40.3 -> 38.4; backward with probabilities
+  // (1,3,3) 5.34 -> 4.92, (3,3,3) 10.3 -> 9.3.
+  for (int64_t o = 0; o < span; o += 64)
+    for (int64_t j = 0; j < n; ++j) prefetch_l2(reinterpret_cast<const char*>(src + j * xs) + o);
 }
 
 // The row after (kt, kh) in a walk over the rows [wt] x [wh] (key rows of a window, or query rows of
