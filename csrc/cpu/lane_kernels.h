@@ -90,7 +90,7 @@ inline VecI<A> lane_mask(uint32_t mask) {
   constexpr int L = kLanes<A>;
   VecI<A> bits;
   for (int l = 0; l < L; ++l) bits[l] = LaneInt<A>(1) << l;
-  return (VecI<A>{} + LaneInt<A>(mask) & bits) != 0;
+  return ((VecI<A>{} + LaneInt<A>(mask)) & bits) != 0;
 }
 
 // Entries (scores) or head-dim rows (lane_pv) accumulated side by side in registers: 8 vectors (one
