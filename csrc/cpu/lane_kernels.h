@@ -1021,36 +1021,20 @@ inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* r
   }
 }
 
-// Entries per pass of pv_rows_to over large windows (below), and the entry count from which it cuts.
-constexpr int64_t kPvChunk = 14;
-constexpr int64_t kPvChunkFrom = 48;
-
-// lane_pv_rows with non-temporal row stores when `stream` (stream_rows), regular ones otherwise. With
-// `part` (scratch [L][X]) and more than kPvChunkFrom entries, the entries are taken kPvChunk at a time for
-// all the block's queries, the sums kept in `part` between passes: each group of queries otherwise sweeps
-// every entry's rows, for NÜWA's (7,7,7) about 125 KB per group, out of L1; a pass's rows (two runs of
-// a 7-wide window: 44 rows, 11 KB at D = 64) stay in L1 for the block's four groups. The sums are the same
-// (entry order, float registers stored and reloaded exactly, the factor applied once at the end). The
-// forward uses it ((7,7,7): 3-5% faster); the backward's products measured no faster with it.
+// lane_pv_rows with non-temporal row stores when `stream` (stream_rows), regular ones otherwise. Each group
+// of four queries sweeps all the entries' rows ((7,7,7): about 125 KB, out of L1); taking the entries in
+// passes of 14 for all the block's queries, the sums kept in scratch between passes, kept the rows in L1
+// and made the forward 3-5% faster until the diagonal row reuse (pv_rows_group), after which it was the
+// slower: NÜWA (7,7,7) forward, alternating runs, one thread 40.8 -> 37.0 ms, two threads 19.9 -> 17.8
+// without the passes.
 template <typename S, typename A>
 inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X,
                        const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init = nullptr,
-                       int64_t irs = 0, A* part = nullptr) {
-  constexpr int L = kLanes<A>;
-  int64_t e0 = 0;
-  if (part && n > kPvChunkFrom) {
-    A ones[L];
-    for (int i = 0; i < L; ++i) ones[i] = A(1);
-    for (; n - e0 > kPvChunk; e0 += kPvChunk) {
-      lane_pv_rows<false>(part, X, ones, P + e0 * L, rows, X, col + e0, mask + e0, kPvChunk, nv, init, irs);
-      init = part;
-      irs = X;
-    }
-  }
+                       int64_t irs = 0) {
   if (stream)
-    lane_pv_rows<true>(out, ors, f, P + e0 * L, rows, X, col + e0, mask + e0, n - e0, nv, init, irs);
+    lane_pv_rows<true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
   else
-    lane_pv_rows<false>(out, ors, f, P + e0 * L, rows, X, col + e0, mask + e0, n - e0, nv, init, irs);
+    lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
 }
 
 // Rows of tokens [a, a + nv) of one head into dst [L][X] (row_scores' query side), rows nv..L-1 zero.
@@ -1223,8 +1207,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         }
         // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
-        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv,
-                   static_cast<const A*>(nullptr), 0, tmp);  // tmp: free after the scores
+        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
       }
     }
 #if defined(__AVX512F__)
