@@ -472,8 +472,9 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
 // key pass's "queries" are its block of keys or values, its "keys" the rows of Q or dO):
 // S[e * 16 + i] = scale * Q_i . K(col[e] + i) for the block's 16 queries, Q_i the block's rows (row
 // stride qs) and K(c) = krows + c * D (a RowRing), both in their natural layout. Each (query, entry) pair
-// sums 16 partial products over the head dim in one register (two queries at a time share the loads of
-// Q; key rows are aligned), then a transposed reduction turns the 16 queries' registers of an entry into
+// sums 16 partial products over the head dim in one register (four queries at a time along a run of
+// entries in consecutive key rows, each query row and key row loaded once: row_dots_run; key rows are
+// aligned), then a transposed reduction turns the 16 queries' registers of an entry into
 // its lane vector (unpack / 128-bit shuffle + add, 15 combines per entry; every query's partials summed in
 // the same tree, so a query's score does not depend on its lane). Against lane_scores it needs no
 // transposes of Q or K, and its key loads are aligned (lane_scores' start at the block plus the shift:
@@ -483,7 +484,8 @@ constexpr bool kRowScores = true;
 #else
 constexpr bool kRowScores = false;
 #endif
-// Entries of a batch: 2 x 9 accumulators, two query vectors and a key vector in AVX-512's 32 registers.
+// Entries of a batch (whole runs of consecutive key rows, as many as fit), whose partial sums wait in
+// scratch (kRowScoreBatch * 8 registers) for the transposed reduction.
 constexpr int kRowScoreBatch = 9;
 
 #if defined(__AVX512F__)
@@ -503,52 +505,102 @@ __attribute__((always_inline)) inline __m512 fold_blocks(__m512 a, __m512 b) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
 }
 
-// part[m * 8 + u / 2] = fold_pair of queries u, u + 1 against entries m < M: rows qa, qb of Q, key rows
-// kr[m] (query u's; u + 1's is the next row, D floats on).
-template <int M>
-__attribute__((always_inline)) inline void row_dots_pair(__m512* __restrict part, int u, const float* __restrict qa,
-                                                         const float* __restrict qb, const float* const* kr,
-                                                         int64_t D) {
-  __m512 a[M], b[M];
-  for (int m = 0; m < M; ++m) a[m] = b[m] = _mm512_setzero_ps();
+// The 8 fold_pair registers of an entry (queries 0-1, ..., 14-15) into its lane vector: lane i query i.
+__attribute__((always_inline)) inline __m512 fold_tree8(const __m512* p) {
+  const __m512 lo = fold_blocks(fold_quad(p[0], p[1]), fold_quad(p[2], p[3]));
+  const __m512 hi = fold_blocks(fold_quad(p[4], p[5]), fold_quad(p[6], p[7]));
+  return fold_blocks(lo, hi);
+}
+
+// Largest run piece: QB * kMaxRun accumulators, QB query vectors and a key vector in AVX-512's 32 registers
+// (6 made GCC spill with the head dim unrolled).
+constexpr int kMaxRun = 5;
+
+// part[(m0 + m) * 8 + (u0 + u) / 2] (fold_pair of queries u0 + u, u0 + u + 1) for the QB = 4 queries u0..u0+3
+// against the M entries of a run (key rows consecutive: entry m of query u reads row kr0 + (u + m) * D).
+// Row j serves the pairs (u, j - u): each key row and query row is loaded once per head-dim vector (M + 3
+// key rows for 4M dot products instead of 4M; vld_once keeps GCC from loading them again as memory
+// operands of every FMA).
+template <int M, int kD>
+__attribute__((always_inline)) inline void row_dots_run(__m512* __restrict part, int m0, int u0, const float* q,
+                                                       int64_t qs, const float* __restrict kr0, int64_t D_) {
+  constexpr int QB = 4;
+  const int64_t D = kD ? kD : D_;
+  __m512 acc[QB][M];
+  for (int u = 0; u < QB; ++u)
+    for (int m = 0; m < M; ++m) acc[u][m] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; d += 16) {
-    const __m512 x = _mm512_loadu_ps(qa + d), y = _mm512_loadu_ps(qb + d);
-    for (int m = 0; m < M; ++m) {
-      a[m] = _mm512_fmadd_ps(x, _mm512_load_ps(kr[m] + d), a[m]);
-      b[m] = _mm512_fmadd_ps(y, _mm512_load_ps(kr[m] + D + d), b[m]);
+    Vec<float> x[QB];
+    for (int u = 0; u < QB; ++u) x[u] = vld_once(q + (u0 + u) * qs + d);
+    for (int j = 0; j < M + QB - 1; ++j) {
+      const Vec<float> k = vld_once(kr0 + j * D + d);
+      for (int u = 0; u < QB; ++u) {
+        const int m = j - u;
+        if (m < 0 || m >= M) continue;
+        acc[u][m] = _mm512_fmadd_ps(reinterpret_cast<const __m512&>(x[u]), reinterpret_cast<const __m512&>(k),
+                                    acc[u][m]);
+      }
     }
   }
-  for (int m = 0; m < M; ++m) part[m * 8 + u / 2] = fold_pair(a[m], b[m]);
-}
-
-template <int M>
-inline void row_scores_batch(float* __restrict S, const float* q, int64_t qs, const float* krows,
-                             const int64_t* col, int64_t D, float scale, __m512* __restrict part) {
-  const float* kr[M];
-  for (int u = 0; u < 16; u += 2) {
-    for (int m = 0; m < M; ++m) kr[m] = krows + (col[m] + u) * D;
-    row_dots_pair<M>(part, u, q + u * qs, q + (u + 1) * qs, kr, D);
-  }
-  const __m512 f = _mm512_set1_ps(scale);
   for (int m = 0; m < M; ++m) {
-    const __m512* p = part + m * 8;
-    const __m512 lo = fold_blocks(fold_quad(p[0], p[1]), fold_quad(p[2], p[3]));
-    const __m512 hi = fold_blocks(fold_quad(p[4], p[5]), fold_quad(p[6], p[7]));
-    _mm512_store_ps(S + m * 16, _mm512_mul_ps(fold_blocks(lo, hi), f));
+    part[(m0 + m) * 8 + u0 / 2] = fold_pair(acc[0][m], acc[1][m]);
+    part[(m0 + m) * 8 + u0 / 2 + 1] = fold_pair(acc[2][m], acc[3][m]);
   }
 }
 
-// Scores of entries e < n (see above): q holds the block's 16 query rows (rows beyond the block's queries
-// finite, e.g. zeros), krows a RowRing of D-float rows (64-byte aligned), part scratch of
-// kRowScoreBatch * 8 registers.
+// Scores of entries e < n (see above), taken in runs of consecutive key rows (a window's keys along W),
+// batches of whole runs of at most kRowScoreBatch entries (a longer run in balanced pieces of at most
+// kMaxRun); part: scratch of kRowScoreBatch * 8 registers.
+template <int kD>
+inline void row_scores_d(float* S, const float* q, int64_t qs, const float* krows, const int64_t* col, int64_t n,
+                         int64_t D, float scale, __m512* part) {
+  const __m512 f = _mm512_set1_ps(scale);
+  int64_t e = 0;
+  while (e < n) {
+    // The batch: whole runs while they fit (or the first run's first kRowScoreBatch entries).
+    int64_t nb = 0;
+    while (e + nb < n) {
+      int64_t r = 1;
+      while (e + nb + r < n && col[e + nb + r] == col[e + nb] + r) ++r;
+      if (nb + r > kRowScoreBatch) {
+        if (nb == 0) nb = kRowScoreBatch;
+        break;
+      }
+      nb += r;
+    }
+    // Its runs, in pieces of at most kMaxRun.
+    for (int64_t m0 = 0; m0 < nb;) {
+      int64_t r = 1;
+      while (m0 + r < nb && col[e + m0 + r] == col[e + m0] + r) ++r;
+      const int64_t pieces = (r + kMaxRun - 1) / kMaxRun;
+      for (int64_t p = 0; p < pieces; ++p) {
+        const int64_t a = r * p / pieces, b = r * (p + 1) / pieces;
+        const float* kr0 = krows + col[e + m0 + a] * D;
+        const int mm = static_cast<int>(m0 + a);
+        for (int u0 = 0; u0 < 16; u0 += 4) {
+          const float* k0 = kr0 + u0 * D;
+          switch (b - a) {
+            case 1: row_dots_run<1, kD>(part, mm, u0, q, qs, k0, D); break;
+            case 2: row_dots_run<2, kD>(part, mm, u0, q, qs, k0, D); break;
+            case 3: row_dots_run<3, kD>(part, mm, u0, q, qs, k0, D); break;
+            case 4: row_dots_run<4, kD>(part, mm, u0, q, qs, k0, D); break;
+            default: row_dots_run<5, kD>(part, mm, u0, q, qs, k0, D); break;
+          }
+        }
+      }
+      m0 += r;
+    }
+    for (int64_t m = 0; m < nb; ++m) _mm512_store_ps(S + (e + m) * 16, _mm512_mul_ps(fold_tree8(part + m * 8), f));
+    e += nb;
+  }
+}
+// row_scores_d with the head dim a constant for D = 64 (the loops over it unrolled).
 inline void row_scores(float* S, const float* q, int64_t qs, const float* krows, const int64_t* col, int64_t n,
                        int64_t D, float scale, __m512* part) {
-  int64_t e = 0;
-  for (; e + kRowScoreBatch <= n; e += kRowScoreBatch)
-    row_scores_batch<kRowScoreBatch>(S + e * 16, q, qs, krows, col + e, D, scale, part);
-  with_count<kRowScoreBatch>(static_cast<int>(n - e), [&](auto m) {
-    row_scores_batch<decltype(m)::value>(S + e * 16, q, qs, krows, col + e, D, scale, part);
-  });
+  if (D == 64)
+    row_scores_d<64>(S, q, qs, krows, col, n, D, scale, part);
+  else
+    row_scores_d<0>(S, q, qs, krows, col, n, D, scale, part);
 }
 #endif
 
