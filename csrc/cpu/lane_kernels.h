@@ -485,7 +485,7 @@ constexpr bool kRowScores = true;
 constexpr bool kRowScores = false;
 #endif
 // Entries of a batch (whole runs of consecutive key rows, as many as fit), whose partial sums wait in
-// scratch (kRowScoreBatch * 8 registers) for the transposed reduction.
+// scratch (kRowScoreBatch * 4 registers, one per four queries) for the rest of the transposed reduction.
 constexpr int kRowScoreBatch = 9;
 
 #if defined(__AVX512F__)
@@ -505,19 +505,12 @@ __attribute__((always_inline)) inline __m512 fold_blocks(__m512 a, __m512 b) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
 }
 
-// The 8 fold_pair registers of an entry (queries 0-1, ..., 14-15) into its lane vector: lane i query i.
-__attribute__((always_inline)) inline __m512 fold_tree8(const __m512* p) {
-  const __m512 lo = fold_blocks(fold_quad(p[0], p[1]), fold_quad(p[2], p[3]));
-  const __m512 hi = fold_blocks(fold_quad(p[4], p[5]), fold_quad(p[6], p[7]));
-  return fold_blocks(lo, hi);
-}
-
 // Largest run piece: QB * kMaxRun accumulators, QB query vectors and a key vector in AVX-512's 32 registers
 // (6 made GCC spill with the head dim unrolled).
 constexpr int kMaxRun = 5;
 
-// part[(m0 + m) * 8 + (u0 + u) / 2] (fold_pair of queries u0 + u, u0 + u + 1) for the QB = 4 queries u0..u0+3
-// against the M entries of a run (key rows consecutive: entry m of query u reads row kr0 + (u + m) * D).
+// part[(m0 + m) * 4 + u0 / 4] (the fold_quad of queries u0..u0+3, QB = 4) against the M entries of a run
+// (key rows consecutive: entry m of query u reads row kr0 + (u + m) * D).
 // Row j serves the pairs (u, j - u): each key row and query row is loaded once per head-dim vector (M + 3
 // key rows for 4M dot products instead of 4M; vld_once keeps GCC from loading them again as memory
 // operands of every FMA).
@@ -542,15 +535,13 @@ __attribute__((always_inline)) inline void row_dots_run(__m512* __restrict part,
       }
     }
   }
-  for (int m = 0; m < M; ++m) {
-    part[(m0 + m) * 8 + u0 / 2] = fold_pair(acc[0][m], acc[1][m]);
-    part[(m0 + m) * 8 + u0 / 2 + 1] = fold_pair(acc[2][m], acc[3][m]);
-  }
+  for (int m = 0; m < M; ++m)
+    part[(m0 + m) * 4 + u0 / 4] = fold_quad(fold_pair(acc[0][m], acc[1][m]), fold_pair(acc[2][m], acc[3][m]));
 }
 
 // Scores of entries e < n (see above), taken in runs of consecutive key rows (a window's keys along W),
 // batches of whole runs of at most kRowScoreBatch entries (a longer run in balanced pieces of at most
-// kMaxRun); part: scratch of kRowScoreBatch * 8 registers.
+// kMaxRun); part: scratch of kRowScoreBatch * 4 registers.
 template <int kD>
 inline void row_scores_d(float* S, const float* q, int64_t qs, const float* krows, const int64_t* col, int64_t n,
                          int64_t D, float scale, __m512* part) {
@@ -590,7 +581,11 @@ inline void row_scores_d(float* S, const float* q, int64_t qs, const float* krow
       }
       m0 += r;
     }
-    for (int64_t m = 0; m < nb; ++m) _mm512_store_ps(S + (e + m) * 16, _mm512_mul_ps(fold_tree8(part + m * 8), f));
+    for (int64_t m = 0; m < nb; ++m) {  // the four quads of an entry into its lane vector: lane i query i
+      const __m512* p = part + m * 4;
+      const __m512 x = fold_blocks(fold_blocks(p[0], p[1]), fold_blocks(p[2], p[3]));
+      _mm512_store_ps(S + (e + m) * 16, _mm512_mul_ps(x, f));
+    }
     e += nb;
   }
 }
@@ -1142,7 +1137,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t sbuf = g.box_max * L;
   const int64_t X = std::max(D, Dv);
   const int64_t kring = kRows ? RowRing<S, kUnit, A>::elems(g, L, D) : D * ring;
-  const int64_t part = kRows ? kRowScoreBatch * 8 * L : 0;  // row_scores' partial sums
+  const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;  // row_scores' partial sums
   const int64_t scratch = kring + RowRing<S, kUnit, A>::elems(g, L, Dv) + part + D * L + sbuf + L * X + 2 * L;
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, probs ? ps : nullptr);
   const EntryTable& et = tables->et;
@@ -1327,7 +1322,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t X = std::max(D, Dv);
   // AVX-512 float: S and dP (without the dS store) by row_scores from the rows of K and V.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
-  const int64_t part = kRows ? kRowScoreBatch * 8 * L : 0;
+  const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;
   const int64_t tring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dv) : (D + Dv) * ring;
   const int64_t scratch = tring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L + part;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
@@ -1504,7 +1499,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const int64_t X = std::max(D, Dv);
   // AVX-512 float: S^T and dP^T by row_scores from the row rings of Q and dO (no Q^T, dO^T rings).
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
-  const int64_t part = kRows ? kRowScoreBatch * 8 * L : 0;  // row_scores' partial sums
+  const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;  // row_scores' partial sums
   const int64_t scratch = group * (((kRows ? 0 : D + Dv) + 2) * ring + RowRing<S, kUnit, A>::elems(g, L, D) +
                                    RowRing<S, kUnit, A>::elems(g, L, Dv)) +
                           (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0) + part;
