@@ -835,6 +835,10 @@ inline bool stream_rows(const S* out, double rows, int64_t X) {
 #define NUWA_PREFETCH_AHEAD 2
 #endif
 constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
+#ifndef NUWA_V_DIRECT
+#define NUWA_V_DIRECT 1
+#endif
+constexpr int64_t kVDirectKeys = 9;
 
 // Slots of columns base + shift[e] (|shift| < R) in a ring of R slots starting at column `origin`, one
 // division in all.
@@ -962,9 +966,10 @@ template <int QB, int NB, bool kStream, int kX, typename S, typename A>
 __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, const A* f, const A* __restrict P,
                                                          const A* __restrict rows, int64_t X_, int64_t d0, int i,
                                                          const int64_t* col, const uint32_t* mask, int64_t n,
-                                                         const A* init, int64_t irs) {
+                                                         const A* init, int64_t irs, int64_t rs_) {
   constexpr int L = kLanes<A>;
   const int64_t X = kX ? kX : X_;
+  const int64_t rs = rs_ ? rs_ : X;  // the rows' stride
   Vec<A> acc[QB][NB];
   if (init) {
     for (int u = 0; u < QB; ++u)
@@ -984,12 +989,12 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
       uint32_t any = (mask[e] >> i) & kBits;
       while (e + M < n && col[e + M] == col[e] + M) any |= (mask[e + M] >> i) & kBits, ++M;
       if (any) {
-        const A* r = rows + (col[e] + i) * X + d0;
+        const A* r = rows + (col[e] + i) * rs + d0;
         const A* pe = P + e * L + i;
         // Row j, queries u in [ulo, uhi] (all QB of them in the run's middle, fewer at its ends).
         auto row = [&](int64_t j, int ulo, int uhi) __attribute__((always_inline)) {
           Vec<A> x[NB];
-          for (int c = 0; c < NB; ++c) x[c] = vld_once(r + j * X + c * L);
+          for (int c = 0; c < NB; ++c) x[c] = vld_once(r + j * rs + c * L);
           const A* pj = pe + j * L;  // query u's probability of entry j - u: pj[u - u * L]
           for (int u = 0; u < QB; ++u) {
             if (u < ulo || u > uhi) continue;
@@ -1007,11 +1012,11 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
   } else {
     for (int64_t e = 0; e < n; ++e) {
       if (!((mask[e] >> i) & kBits)) continue;
-      const A* r = rows + (col[e] + i) * X + d0;
+      const A* r = rows + (col[e] + i) * rs + d0;
       const A* pe = P + e * L + i;
       for (int u = 0; u < QB; ++u) {
         const A pu = pe[u];
-        for (int j = 0; j < NB; ++j) acc[u][j] += pu * vld(r + u * X + j * L);
+        for (int j = 0; j < NB; ++j) acc[u][j] += pu * vld(r + u * rs + j * L);
       }
     }
   }
@@ -1040,30 +1045,32 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
 
 template <int NB, bool kStream, int kX = 0, typename S, typename A>
 inline void pv_rows_chunk(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, int64_t d0,
-                          const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init, int64_t irs) {
+                          const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init, int64_t irs,
+                          int64_t rs) {
   // Accumulators QB * NB registers: 16 of AVX-512's 32, 8 of AVX2's 16.
   constexpr int QB = kVecBytes == 64 ? (NB == 3 ? 2 : 4) : (NB <= 2 ? 4 : 2);
   int i = 0;
   for (; i + QB <= nv; i += QB)
-    pv_rows_group<QB, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
-  for (; i < nv; ++i) pv_rows_group<1, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs);
+    pv_rows_group<QB, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs, rs);
+  for (; i < nv; ++i) pv_rows_group<1, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs, rs);
 }
 
 template <bool kStream = false, typename S, typename A>
 inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, const int64_t* col,
-                         const uint32_t* mask, int64_t n, int nv, const A* init = nullptr, int64_t irs = 0) {
+                         const uint32_t* mask, int64_t n, int nv, const A* init = nullptr, int64_t irs = 0,
+                         int64_t rs = 0) {
   constexpr int L = kLanes<A>;
   if (X == 4 * L) {  // one chunk of the head dim (float D = 64 with AVX-512): the row stride in immediates
-    pv_rows_chunk<4, kStream, 4 * L>(out, ors, f, P, rows, X, 0, col, mask, n, nv, init, irs);
+    pv_rows_chunk<4, kStream, 4 * L>(out, ors, f, P, rows, X, 0, col, mask, n, nv, init, irs, rs);
     return;
   }
   int64_t d0 = 0;
   for (; d0 + 4 * L <= X; d0 += 4 * L)
-    pv_rows_chunk<4, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs);
+    pv_rows_chunk<4, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs);
   switch ((X - d0) / L) {
-    case 3: pv_rows_chunk<3, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs); break;
-    case 2: pv_rows_chunk<2, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs); break;
-    case 1: pv_rows_chunk<1, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs); break;
+    case 3: pv_rows_chunk<3, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs); break;
+    case 2: pv_rows_chunk<2, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs); break;
+    case 1: pv_rows_chunk<1, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs); break;
     default: break;
   }
 }
@@ -1077,11 +1084,11 @@ inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* r
 template <typename S, typename A>
 inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X,
                        const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init = nullptr,
-                       int64_t irs = 0) {
+                       int64_t irs = 0, int64_t rs = 0) {
   if (stream)
-    lane_pv_rows<true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
+    lane_pv_rows<true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs);
   else
-    lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs);
+    lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs);
 }
 
 // Rows of tokens [a, a + nv) of one head into dst [L][X] (row_scores' query side), rows nv..L-1 zero.
@@ -1129,6 +1136,11 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t nch = (g.Nq + chunk - 1) / chunk;
   const int64_t ntask = pr.B * pr.heads_kv * nch;
   const bool kflat = flat_strides(ks, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
+  // Small windows (kVDirectKeys keys at most), AVX-512 float, D = 64, value rows evenly spaced: P V reads
+  // the value rows in place, without the ring (see the block loop).
+  const bool v_direct = NUWA_V_DIRECT && kRowScores && kUnit && std::is_same<S, A>::value &&
+                        std::is_same<A, float>::value && Dv == 4 * L && pr.win_max <= kVDirectKeys &&
+                        flat_strides(vs, g.H, g.W);
   // AVX-512 float: keys as rows and row_scores; otherwise K^T columns and lane_scores.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   using KRing = typename std::conditional<kRows, RowRing<S, kUnit, A>, TransposedRing<S, kUnit, A>>::type;
@@ -1175,7 +1187,9 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
       kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D));
     else
       kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
-    vr.init(kbuf + kring, g, L, first_col, head_rows(v, vs, b, gh, Dv));
+    const HeadRows<S> vh = head_rows(v, vs, b, gh, Dv);
+    vr.init(kbuf + kring, g, L, first_col, vh);
+    std::vector<int64_t> vcol(v_direct ? g.box_max : 0);  // the value rows' columns of the block (v_direct)
     [[maybe_unused]] A* pbuf = kbuf + kring + RowRing<S, kUnit, A>::elems(g, L, Dv);
     const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
@@ -1184,11 +1198,36 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         kr.advance(q0 + L + g.smax);
       else
         kr.advance(q0 + L + g.smax, tmp);
-      vr.advance(q0 + L + g.smax);
       const int64_t* shift;
       const uint32_t* mask;
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       kr.slots(q0, shift, n, col);
+      // Value rows: in place when every row the block reads lies in the grid (v_direct), else the ring
+      // (which then starts afresh if the blocks in place left it behind).
+      const A* vrows = vr.buf;
+      int64_t vrs = 0;
+      const int64_t* vc = col;
+      bool vin = false;
+      if (v_direct && n > 0) {
+        int64_t lo = shift[0], hi = shift[0];
+        for (int64_t e = 1; e < n; ++e) lo = std::min(lo, shift[e]), hi = std::max(hi, shift[e]);
+        vin = q0 + lo >= 0 && q0 + hi + nv <= g.Nk;
+      }
+      if (vin) {
+        for (int64_t e = 0; e < n; ++e) vcol[e] = q0 + shift[e];
+        vrows = reinterpret_cast<const A*>(vh.at(0, 0, 0));
+        vrs = vs.s[3];
+        vc = vcol.data();
+        const int64_t pc = round_up(q0 + L + g.smax, L) + (kPrefetchAhead - 1) * L;  // as the ring would
+        if (pc + L <= g.Nk) prefetch_tokens(vh, pc, pc + L, g.H, g.W);
+      } else {
+        if (vr.hi < q0 + g.smin) vr.init(vr.buf, g, L, std::max<int64_t>(q0 + g.smin, -L), vh);
+        vr.advance(q0 + L + g.smax);
+        if (v_direct) {
+          vr.slots(q0, shift, n, vcol.data());
+          vc = vcol.data();
+        }
+      }
       if (probs) {  // the block's entry of each row of the store (shared by the group's heads)
         const int32_t* rr = psr.data() + (q0 / L) * et.stride;
         std::fill(prow_entry.begin(), prow_entry.end(), -1);
@@ -1254,7 +1293,8 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         }
         // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
-        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vr.buf, Dv, col, mask, n, nv);
+        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dv, vc, mask, n, nv, static_cast<const A*>(nullptr), 0,
+                   vrs);
       }
     }
 #if defined(__AVX512F__)
