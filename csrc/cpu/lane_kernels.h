@@ -1293,8 +1293,8 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         }
         // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
-        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dv, vc, mask, n, nv, static_cast<const A*>(nullptr), 0,
-                   vrs);
+        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dv, vc, mask, n, nv,
+                   static_cast<const A*>(nullptr), 0, vrs);
       }
     }
 #if defined(__AVX512F__)
