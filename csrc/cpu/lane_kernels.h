@@ -838,7 +838,6 @@ constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
 #ifndef NUWA_V_DIRECT
 #define NUWA_V_DIRECT 1
 #endif
-constexpr int64_t kVDirectKeys = 9;
 
 // Slots of columns base + shift[e] (|shift| < R) in a ring of R slots starting at column `origin`, one
 // division in all.
@@ -953,6 +952,50 @@ struct RowRing {
     ring_slots(R, origin, base, shift, n, col);
   }
 };
+
+// Whether every row that a block of nv queries at q0 reads for entries shift[0..n) lies in the grid.
+inline bool block_rows_in_grid(const LaneGeom& g, int64_t q0, int nv, const int64_t* shift, int64_t n) {
+  if (n == 0) return false;
+  int64_t lo = shift[0], hi = shift[0];
+  for (int64_t e = 1; e < n; ++e) lo = std::min(lo, shift[e]), hi = std::max(hi, shift[e]);
+  return q0 + lo >= 0 && q0 + hi + nv <= g.Nk;
+}
+
+// The rows of one head that a block's row product (the forward's P V) reads, for small windows (at most
+// kDirectKeys keys): in place (`direct`: float rows of D = 64, evenly spaced; `in_grid`: all of them in
+// the grid), row stride in *rs, or else from `ring`, advanced to the block (and started afresh when the
+// blocks in place left it behind), *rs = 0. The rows' columns (flat indices in place, ring slots
+// otherwise) go to cols. In place, each of the 54 rows a (1,3,3) block reads is loaded once per group of
+// four queries, from L2 at worst, which costs less than copying the block's 16 new rows into the ring;
+// with 27 entries ((3,3,3): 162 rows 2 KiB apart) the forward was 9% slower, hence the bound. The
+// backward's key pass with P and dS read (dK's Q rows, dV's dO rows) measured within the noise this way
+// ((1,3,3), one thread 4.98 -> 5.06 ms, two threads 2.50 -> 2.42) and keeps its rings.
+constexpr int64_t kDirectKeys = 9;
+template <typename S, bool kUnit, typename A>
+inline const A* block_product_rows(bool direct, bool in_grid, RowRing<S, kUnit, A>& ring, const HeadRows<S>& hr,
+                                   const LaneGeom& g, int64_t q0, const int64_t* shift, int64_t n, int64_t* cols,
+                                   int64_t* rs) {
+  constexpr int L = kLanes<A>;
+  if (direct && in_grid) {
+    for (int64_t e = 0; e < n; ++e) cols[e] = q0 + shift[e];
+    const int64_t pc = round_up(q0 + L + g.smax, L) + (kPrefetchAhead - 1) * L;  // as the ring would
+    if (pc + L <= g.Nk) prefetch_tokens(hr, pc, pc + L, g.H, g.W);
+    *rs = hr.st.s[3];
+    return reinterpret_cast<const A*>(hr.at(0, 0, 0));
+  }
+  if (ring.hi < q0 + g.smin) ring.init(ring.buf, g, L, std::max<int64_t>(q0 + g.smin, -L), hr);
+  ring.advance(q0 + L + g.smax);
+  ring.slots(q0, shift, n, cols);
+  *rs = 0;
+  return ring.buf;
+}
+
+// Whether a head's rows (strides st, row length X) can be read in place by block_product_rows.
+template <typename S, bool kUnit, typename A>
+inline bool direct_rows_ok(const Problem& pr, const LaneGeom& g, const Strides& st, int64_t X) {
+  return NUWA_V_DIRECT && kRowScores && kUnit && std::is_same<S, A>::value && std::is_same<A, float>::value &&
+         X == 4 * kLanes<A> && pr.win_max <= kDirectKeys && flat_strides(st, g.H, g.W);
+}
 
 // out[i] (row i < nv of the block, row stride ors) = f[i] * sum_e P[e * L + i] * row(col[e] + i) over the
 // entries e, in entry order; row(c) = rows + c * X (a RowRing). P is 0 on the masked lanes (which add exact
@@ -1136,11 +1179,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t nch = (g.Nq + chunk - 1) / chunk;
   const int64_t ntask = pr.B * pr.heads_kv * nch;
   const bool kflat = flat_strides(ks, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
-  // Small windows (kVDirectKeys keys at most), AVX-512 float, D = 64, value rows evenly spaced: P V reads
-  // the value rows in place, without the ring (see the block loop).
-  const bool v_direct = NUWA_V_DIRECT && kRowScores && kUnit && std::is_same<S, A>::value &&
-                        std::is_same<A, float>::value && Dv == 4 * L && pr.win_max <= kVDirectKeys &&
-                        flat_strides(vs, g.H, g.W);
+  const bool v_direct = direct_rows_ok<S, kUnit, A>(pr, g, vs, Dv);  // P V's value rows in place
   // AVX-512 float: keys as rows and row_scores; otherwise K^T columns and lane_scores.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   using KRing = typename std::conditional<kRows, RowRing<S, kUnit, A>, TransposedRing<S, kUnit, A>>::type;
@@ -1189,7 +1228,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
       kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
     const HeadRows<S> vh = head_rows(v, vs, b, gh, Dv);
     vr.init(kbuf + kring, g, L, first_col, vh);
-    std::vector<int64_t> vcol(v_direct ? g.box_max : 0);  // the value rows' columns of the block (v_direct)
+    std::vector<int64_t> vcol(g.box_max);  // the value rows' columns of the block
     [[maybe_unused]] A* pbuf = kbuf + kring + RowRing<S, kUnit, A>::elems(g, L, Dv);
     const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
@@ -1202,32 +1241,10 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
       const uint32_t* mask;
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       kr.slots(q0, shift, n, col);
-      // Value rows: in place when every row the block reads lies in the grid (v_direct), else the ring
-      // (which then starts afresh if the blocks in place left it behind).
-      const A* vrows = vr.buf;
-      int64_t vrs = 0;
-      const int64_t* vc = col;
-      bool vin = false;
-      if (v_direct && n > 0) {
-        int64_t lo = shift[0], hi = shift[0];
-        for (int64_t e = 1; e < n; ++e) lo = std::min(lo, shift[e]), hi = std::max(hi, shift[e]);
-        vin = q0 + lo >= 0 && q0 + hi + nv <= g.Nk;
-      }
-      if (vin) {
-        for (int64_t e = 0; e < n; ++e) vcol[e] = q0 + shift[e];
-        vrows = reinterpret_cast<const A*>(vh.at(0, 0, 0));
-        vrs = vs.s[3];
-        vc = vcol.data();
-        const int64_t pc = round_up(q0 + L + g.smax, L) + (kPrefetchAhead - 1) * L;  // as the ring would
-        if (pc + L <= g.Nk) prefetch_tokens(vh, pc, pc + L, g.H, g.W);
-      } else {
-        if (vr.hi < q0 + g.smin) vr.init(vr.buf, g, L, std::max<int64_t>(q0 + g.smin, -L), vh);
-        vr.advance(q0 + L + g.smax);
-        if (v_direct) {
-          vr.slots(q0, shift, n, vcol.data());
-          vc = vcol.data();
-        }
-      }
+      // Value rows: in place inside the grid for small windows, else the ring (block_product_rows).
+      int64_t vrs;
+      const A* vrows = block_product_rows(v_direct, v_direct && block_rows_in_grid(g, q0, nv, shift, n), vr, vh, g,
+                                          q0, shift, n, vcol.data(), &vrs);
       if (probs) {  // the block's entry of each row of the store (shared by the group's heads)
         const int32_t* rr = psr.data() + (q0 / L) * et.stride;
         std::fill(prow_entry.begin(), prow_entry.end(), -1);
@@ -1293,7 +1310,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         }
         // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
-        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dv, vc, mask, n, nv,
+        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dv, vcol.data(), mask, n, nv,
                    static_cast<const A*>(nullptr), 0, vrs);
       }
     }
