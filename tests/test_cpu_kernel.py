@@ -425,6 +425,8 @@ LANE_CASES = [
     Case("lanes-image-133-d64", (2, 9, 23), kernel_size=(1, 3, 3), heads=4, heads_kv=2, D=64, B=2),
     Case("lanes-image-133-d64-raster", (1, 13, 21), kernel_size=(1, 3, 3), causal=True, heads=2, heads_kv=2, D=64,
          B=1),
+    Case("lanes-image-133-d64-kv-frames", (2, 9, 23), (4, 9, 23), kernel_size=(1, 3, 3), heads=2, heads_kv=1, D=64,
+         B=1),
     # small windows with D=64: the key pass stores dS for the query pass (DsStore)
     Case("lanes-ds-store-gqa", (4, 9, 11), heads=4, heads_kv=2, D=64, B=2),
     Case("lanes-ds-store-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, heads=2, heads_kv=2, D=64, B=1),
@@ -445,7 +447,7 @@ def test_lane_kernels_forward_backward(case, dtype):
     _assert_grads_match(out, lse, (q, k, v), ref_out, ref_lse, (qd, kd, vd), TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("case", [LANE_CASES[i] for i in (0, 1, -5, -2)], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [LANE_CASES[i] for i in (0, 1, -6, -2)], ids=lambda c: c.id)
 def test_lane_kernels_thread_count_invariant(case):
     """The lane kernels cut each head into more tasks with more threads (different block alignment):
     results stay bitwise identical."""
