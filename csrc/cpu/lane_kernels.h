@@ -835,6 +835,7 @@ inline bool stream_rows(const S* out, double rows, int64_t X) {
 #define NUWA_PREFETCH_AHEAD 2
 #endif
 constexpr int kPrefetchAhead = NUWA_PREFETCH_AHEAD;
+// Build knob for measuring: 0 keeps the forward's value ring for small windows too (block_product_rows).
 #ifndef NUWA_V_DIRECT
 #define NUWA_V_DIRECT 1
 #endif
@@ -1308,7 +1309,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
             }
           }
         }
-        // out = P V, in the natural layout: value rows from the ring, straight into the output rows.
+        // out = P V, in the natural layout: value rows in place or from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
         pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dv, vcol.data(), mask, n, nv,
                    static_cast<const A*>(nullptr), 0, vrs);
