@@ -471,11 +471,11 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
 // Row-layout scores (AVX-512, float; every score product of the forward and the backward's passes; the
 // key pass's "queries" are its block of keys or values, its "keys" the rows of Q or dO):
 // S[e * 16 + i] = scale * Q_i . K(col[e] + i) for the block's 16 queries, Q_i the block's rows (row
-// stride qs) and K(c) = krows + c * D (a RowRing), both in their natural layout. Each (query, entry) pair
-// sums 16 partial products over the head dim in one register (four queries at a time along a run of
-// entries in consecutive key rows, each query row and key row loaded once: row_dots_run; key rows are
-// aligned), then a transposed reduction turns the 16 queries' registers of an entry into
-// its lane vector (unpack / 128-bit shuffle + add, 15 combines per entry; every query's partials summed in
+// stride qs) and K(c) = krows + c * krs (a RowRing: krs = D; or rows in place: block_product_rows), both
+// in their natural layout. Each (query, entry) pair sums 16 partial products over the head dim in one
+// register (four queries at a time along a run of entries in consecutive key rows, each query row and key
+// row loaded once: row_dots_run; key rows are aligned), then a transposed reduction turns the 16 queries'
+// registers of an entry into its lane vector (unpack / 128-bit shuffle + add, 15 combines per entry; every query's partials summed in
 // the same tree, so a query's score does not depend on its lane). Against lane_scores it needs no
 // transposes of Q or K, and its key loads are aligned (lane_scores' start at the block plus the shift:
 // most are unaligned, which this machine's load ports pay for twice).
@@ -516,7 +516,8 @@ constexpr int kMaxRun = 5;
 // operands of every FMA).
 template <int M, int kD>
 __attribute__((always_inline)) inline void row_dots_run(__m512* __restrict part, int m0, int u0, const float* q,
-                                                       int64_t qs, const float* __restrict kr0, int64_t D_) {
+                                                       int64_t qs, const float* __restrict kr0, int64_t D_,
+                                                       int64_t krs) {
   constexpr int QB = 4;
   const int64_t D = kD ? kD : D_;
   __m512 acc[QB][M];
@@ -526,7 +527,7 @@ __attribute__((always_inline)) inline void row_dots_run(__m512* __restrict part,
     Vec<float> x[QB];
     for (int u = 0; u < QB; ++u) x[u] = vld_once(q + (u0 + u) * qs + d);
     for (int j = 0; j < M + QB - 1; ++j) {
-      const Vec<float> k = vld_once(kr0 + j * D + d);
+      const Vec<float> k = vld_once(kr0 + j * krs + d);
       for (int u = 0; u < QB; ++u) {
         const int m = j - u;
         if (m < 0 || m >= M) continue;
@@ -544,7 +545,7 @@ __attribute__((always_inline)) inline void row_dots_run(__m512* __restrict part,
 // kMaxRun); part: scratch of kRowScoreBatch * 4 registers.
 template <int kD>
 inline void row_scores_d(float* S, const float* q, int64_t qs, const float* krows, const int64_t* col, int64_t n,
-                         int64_t D, float scale, __m512* part) {
+                         int64_t D, float scale, __m512* part, int64_t krs) {
   const __m512 f = _mm512_set1_ps(scale);
   int64_t e = 0;
   while (e < n) {
@@ -566,16 +567,16 @@ inline void row_scores_d(float* S, const float* q, int64_t qs, const float* krow
       const int64_t pieces = (r + kMaxRun - 1) / kMaxRun;
       for (int64_t p = 0; p < pieces; ++p) {
         const int64_t a = r * p / pieces, b = r * (p + 1) / pieces;
-        const float* kr0 = krows + col[e + m0 + a] * D;
+        const float* kr0 = krows + col[e + m0 + a] * krs;
         const int mm = static_cast<int>(m0 + a);
         for (int u0 = 0; u0 < 16; u0 += 4) {
-          const float* k0 = kr0 + u0 * D;
+          const float* k0 = kr0 + u0 * krs;
           switch (b - a) {
-            case 1: row_dots_run<1, kD>(part, mm, u0, q, qs, k0, D); break;
-            case 2: row_dots_run<2, kD>(part, mm, u0, q, qs, k0, D); break;
-            case 3: row_dots_run<3, kD>(part, mm, u0, q, qs, k0, D); break;
-            case 4: row_dots_run<4, kD>(part, mm, u0, q, qs, k0, D); break;
-            default: row_dots_run<5, kD>(part, mm, u0, q, qs, k0, D); break;
+            case 1: row_dots_run<1, kD>(part, mm, u0, q, qs, k0, D, krs); break;
+            case 2: row_dots_run<2, kD>(part, mm, u0, q, qs, k0, D, krs); break;
+            case 3: row_dots_run<3, kD>(part, mm, u0, q, qs, k0, D, krs); break;
+            case 4: row_dots_run<4, kD>(part, mm, u0, q, qs, k0, D, krs); break;
+            default: row_dots_run<5, kD>(part, mm, u0, q, qs, k0, D, krs); break;
           }
         }
       }
@@ -591,11 +592,11 @@ inline void row_scores_d(float* S, const float* q, int64_t qs, const float* krow
 }
 // row_scores_d with the head dim a constant for D = 64 (the loops over it unrolled).
 inline void row_scores(float* S, const float* q, int64_t qs, const float* krows, const int64_t* col, int64_t n,
-                       int64_t D, float scale, __m512* part) {
+                       int64_t D, float scale, __m512* part, int64_t krs = 0) {
   if (D == 64)
-    row_scores_d<64>(S, q, qs, krows, col, n, D, scale, part);
+    row_scores_d<64>(S, q, qs, krows, col, n, D, scale, part, krs ? krs : D);
   else
-    row_scores_d<0>(S, q, qs, krows, col, n, D, scale, part);
+    row_scores_d<0>(S, q, qs, krows, col, n, D, scale, part, krs ? krs : D);
 }
 #endif
 
@@ -962,15 +963,19 @@ inline bool block_rows_in_grid(const LaneGeom& g, int64_t q0, int nv, const int6
   return q0 + lo >= 0 && q0 + hi + nv <= g.Nk;
 }
 
-// The rows of one head that a block's row product (the forward's P V) reads, for small windows (at most
+// The rows of one head that a block's product reads on the ring side, for small windows (at most
 // kDirectKeys keys): in place (`direct`: float rows of D = 64, evenly spaced; `in_grid`: all of them in
 // the grid), row stride in *rs, or else from `ring`, advanced to the block (and started afresh when the
 // blocks in place left it behind), *rs = 0. The rows' columns (flat indices in place, ring slots
-// otherwise) go to cols. In place, each of the 54 rows a (1,3,3) block reads is loaded once per group of
-// four queries, from L2 at worst, which costs less than copying the block's 16 new rows into the ring;
-// with 27 entries ((3,3,3): 162 rows 2 KiB apart) the forward was 9% slower, hence the bound. The
-// backward's key pass with P and dS read (dK's Q rows, dV's dO rows) measured within the noise this way
-// ((1,3,3), one thread 4.98 -> 5.06 ms, two threads 2.50 -> 2.42) and keeps its rings.
+// otherwise) go to cols. Used by the forward (K for S, V for P V), the query pass (V for dP, K for dQ)
+// and the key pass with P and dS read (dO for dV, Q for dK). In place, each of the 54 rows a (1,3,3)
+// block reads is loaded once per group of four queries, from L2 at worst, which costs less than copying
+// the block's 16 new rows into the ring; with 27 entries ((3,3,3): 162 rows 2 KiB apart) the forward was
+// 9% slower, hence the bound. NÜWA 10x21x21, 8 heads, (1,3,3), alternating runs, medians of the minimum
+// of 2 s (ms, one thread / two threads): forward V 2.50 -> 2.40 / 1.24 -> 1.21 (2026-11-29, session 6),
+// then K 2.42 -> 2.36 / 1.18 -> 1.13; backward with probabilities, the query pass's K and V 4.97 -> 4.90
+// / 2.52 -> 2.39, the key pass's Q and dO 4.84 -> 4.70 / 2.36 -> 2.25 (session 7; in session 6, before
+// the row products' runs had constant lengths, the key pass measured within the noise this way).
 constexpr int64_t kDirectKeys = 9;
 template <typename S, bool kUnit, typename A>
 inline const A* block_product_rows(bool direct, bool in_grid, RowRing<S, kUnit, A>& ring, const HeadRows<S>& hr,
@@ -1046,10 +1051,31 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
             for (int c = 0; c < NB; ++c) acc[u][c] += pu * x[c];
           }
         };
-        int64_t j = 0;
-        for (; j < QB - 1; ++j) row(j, static_cast<int>(std::max<int64_t>(0, j - M + 1)), static_cast<int>(j));
-        for (; j < M; ++j) row(j, 0, QB - 1);
-        for (; j < M + QB - 1; ++j) row(j, static_cast<int>(j - M + 1), QB - 1);
+        // Rows j < M + QB - 1 serve queries [max(0, j - M + 1), min(j, QB - 1)]. With M a constant (runs
+        // of up to 7 entries: the windows' widths along W up to 7) the loops unroll and the query bounds
+        // are immediates (the run-time loops branched per row and query: (1,3,3) backward with
+        // probabilities, 2 frames, one thread, alternating runs, 0.813 -> 0.768 ms; (7,7,7) 24.8 -> 23.9).
+        auto run = [&](auto mc) __attribute__((always_inline)) {
+          constexpr int64_t Mc = decltype(mc)::value;
+#pragma GCC unroll 16
+          for (int64_t j = 0; j < Mc + QB - 1; ++j)
+            row(j, static_cast<int>(std::max<int64_t>(0, j - Mc + 1)), static_cast<int>(std::min<int64_t>(j, QB - 1)));
+        };
+        switch (M) {
+          case 1: run(std::integral_constant<int64_t, 1>{}); break;
+          case 2: run(std::integral_constant<int64_t, 2>{}); break;
+          case 3: run(std::integral_constant<int64_t, 3>{}); break;
+          case 4: run(std::integral_constant<int64_t, 4>{}); break;
+          case 5: run(std::integral_constant<int64_t, 5>{}); break;
+          case 6: run(std::integral_constant<int64_t, 6>{}); break;
+          case 7: run(std::integral_constant<int64_t, 7>{}); break;
+          default: {
+            int64_t j = 0;
+            for (; j < QB - 1; ++j) row(j, static_cast<int>(std::max<int64_t>(0, j - M + 1)), static_cast<int>(j));
+            for (; j < M; ++j) row(j, 0, QB - 1);
+            for (; j < M + QB - 1; ++j) row(j, static_cast<int>(j - M + 1), QB - 1);
+          }
+        }
       }
       e += M;
     }
@@ -1181,6 +1207,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t ntask = pr.B * pr.heads_kv * nch;
   const bool kflat = flat_strides(ks, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
   const bool v_direct = direct_rows_ok<S, kUnit, A>(pr, g, vs, Dv);  // P V's value rows in place
+  const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, D);   // the scores' key rows in place
   // AVX-512 float: keys as rows and row_scores; otherwise K^T columns and lane_scores.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   using KRing = typename std::conditional<kRows, RowRing<S, kUnit, A>, TransposedRing<S, kUnit, A>>::type;
@@ -1223,10 +1250,11 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     std::vector<int32_t> prow_entry(pshift.size());  // the block's entry of each row of the store, or -1
     KRing kr;
     RowRing<S, kUnit, A> vr;
+    const HeadRows<S> kh = head_rows(k, ks, b, gh, D);
     if constexpr (kRows)
-      kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D));
+      kr.init(kbuf, g, L, first_col, kh);
     else
-      kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
+      kr.init(kbuf, g, L, first_col, kh, kflat);
     const HeadRows<S> vh = head_rows(v, vs, b, gh, Dv);
     vr.init(kbuf + kring, g, L, first_col, vh);
     std::vector<int64_t> vcol(g.box_max);  // the value rows' columns of the block
@@ -1234,18 +1262,21 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
-      if constexpr (kRows)
-        kr.advance(q0 + L + g.smax);
-      else
-        kr.advance(q0 + L + g.smax, tmp);
       const int64_t* shift;
       const uint32_t* mask;
       const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
-      kr.slots(q0, shift, n, col);
-      // Value rows: in place inside the grid for small windows, else the ring (block_product_rows).
+      // Key and value rows: in place inside the grid for small windows, else the rings (block_product_rows).
+      const bool in_grid = (k_direct || v_direct) && block_rows_in_grid(g, q0, nv, shift, n);
+      [[maybe_unused]] int64_t krs = 0;
+      [[maybe_unused]] const A* krows = nullptr;
+      if constexpr (kRows) {
+        krows = block_product_rows(k_direct, k_direct && in_grid, kr, kh, g, q0, shift, n, col, &krs);
+      } else {
+        kr.advance(q0 + L + g.smax, tmp);
+        kr.slots(q0, shift, n, col);
+      }
       int64_t vrs;
-      const A* vrows = block_product_rows(v_direct, v_direct && block_rows_in_grid(g, q0, nv, shift, n), vr, vh, g,
-                                          q0, shift, n, vcol.data(), &vrs);
+      const A* vrows = block_product_rows(v_direct, v_direct && in_grid, vr, vh, g, q0, shift, n, vcol.data(), &vrs);
       if (probs) {  // the block's entry of each row of the store (shared by the group's heads)
         const int32_t* rr = psr.data() + (q0 / L) * et.stride;
         std::fill(prow_entry.begin(), prow_entry.end(), -1);
@@ -1262,7 +1293,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
 #if defined(__AVX512F__)
           int64_t qrs;
           const A* qrows = block_rows_at<kUnit>(tmp, qh, qflat, q0, nv, g.H, g.W, &qrs);
-          row_scores(Sb, qrows, qrs, kr.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
+          row_scores(Sb, qrows, qrs, krows, col, n, D, scale, reinterpret_cast<__m512*>(pbuf), krs);
 #endif
         } else {  // Q^T of the block, scaled
           const TokenRows<S, kUnit, A> qr = token_rows<kUnit>(qh, qflat, q0, q0 + nv, g.H, g.W, tmp);
@@ -1387,6 +1418,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in || p_in ? ds : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& dsr = tables->rows;
+  // Small windows: dQ's key rows and dP's value rows in place inside the grid (block_product_rows).
+  const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, D);
+  const bool v_direct = kRows && direct_rows_ok<S, kUnit, A>(pr, g, vs, Dv);
   const bool stream_dq = stream_rows<S, A>(dq, double(pr.B) * heads * g.Nq, D);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : p_in ? D + Dv : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
@@ -1419,8 +1453,10 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     } else {
       vrow.init(kbuf, g, L, first_col, head_rows(v, vs, b, gh, Dv));
     }
-    krow.init(kbuf + tring, g, L, first_col, head_rows(k, ks, b, gh, D));
+    const HeadRows<S> kh = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
+    krow.init(kbuf + tring, g, L, first_col, kh);
     [[maybe_unused]] A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, D);
+    std::vector<int64_t> vcol(kRows ? g.box_max : 0);  // dP's value rows' columns (row_scores)
     int64_t q0 = qa;
     // The pair stores' lines of block q0 + kDsAhead * L (one stream per row), at hb (base + q0).
     const auto prefetch_stores = [&](int64_t hb, const A* s0, const A* s1) {
@@ -1436,19 +1472,23 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     };
     for (; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
+      const int64_t* shift;
+      const uint32_t* mask;
+      const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
+      const bool in_grid = (k_direct || v_direct) && block_rows_in_grid(g, q0, nv, shift, n);
+      [[maybe_unused]] const A* vrows = nullptr;  // row_scores: dP's value rows (in place or vrow), stride vrs
+      [[maybe_unused]] int64_t vrs = 0;
       if (!ds_in) {
         if (kRows) {
-          vrow.advance(q0 + L + g.smax);
+          vrows = block_product_rows(v_direct, v_direct && in_grid, vrow, vh, g, q0, shift, n, vcol.data(), &vrs);
         } else {
           if (!p_in) kr.advance(q0 + L + g.smax, tmp);
           vr.advance(q0 + L + g.smax, tmp);
         }
       }
-      krow.advance(q0 + L + g.smax);
-      const int64_t* shift;
-      const uint32_t* mask;
-      const int64_t n = et.get<L>(pr, g, q0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
-      krow.slots(q0, shift, n, col);
+      // dQ's key rows (in place or krow, stride krs; the lane rings' slots are krow's).
+      int64_t krs;
+      const A* krows = block_product_rows(k_direct, k_direct && in_grid, krow, kh, g, q0, shift, n, col, &krs);
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         const int64_t hb = ds ? ds->base(b, head, heads) + q0 : 0;  // the pair stores' rows of the block
         const int32_t* rr = dsr.empty() ? nullptr : dsr.data() + (q0 / L) * et.stride;
@@ -1476,7 +1516,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
 #if defined(__AVX512F__)
               int64_t grs;
               const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
-              row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
+              row_scores(Pb, grows, grs, vrows, vcol.data(), n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
 #endif
             } else {
               transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
@@ -1503,8 +1543,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
               int64_t qrs, grs;
               const A* qrows = block_rows_at<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, &qrs);
               const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
-              row_scores(Sb, qrows, qrs, krow.buf, col, n, D, scale, reinterpret_cast<__m512*>(pbuf));
-              row_scores(Pb, grows, grs, vrow.buf, col, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf));
+              row_scores(Sb, qrows, qrs, krows, col, n, D, scale, reinterpret_cast<__m512*>(pbuf), krs);
+              row_scores(Pb, grows, grs, vrows, vcol.data(), n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
 #endif
             } else {
               transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
@@ -1522,9 +1562,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             }
           }
         }
-        // dQ = scale dS K, in the natural layout: key rows from the ring, straight into the dQ rows.
-        pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krow.buf, D, col, mask,
-                   n, nv);
+        // dQ = scale dS K, in the natural layout: key rows in place or from the ring, straight into dQ's rows.
+        pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krows, D, col, mask,
+                   n, nv, static_cast<const A*>(nullptr), 0, krs);
       }
     }
 #if defined(__AVX512F__)
@@ -1569,10 +1609,14 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * g.Nq, Dv);
   const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * (ds_in ? 1 : 2) * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
+  // With P and dS read (only the row products left), small windows: Q's and dO's rows in place.
+  const bool qg_direct = p_in && ds_in && direct_rows_ok<S, kUnit, A>(pr, g, qs, D) &&
+                         direct_rows_ok<S, kUnit, A>(pr, g, gs, Dv);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);
+    std::vector<int64_t> qcol(qg_direct ? g.box_max : 0), gcol(qg_direct ? g.box_max : 0);
     A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled (row_scores: [L][D] rows)
     A* Vt = Kt + D * L;      // [Dv][L] values, transposed (row_scores: [L][Dv] rows)
     A* Sb = Vt + Dv * L;     // [entries][L] scores, then P
@@ -1646,8 +1690,20 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         }
         if (!kRows && !ds_in) gr[j].advance(k0 + L + g.smax, tmp);
         if (!ds_in) dr[j].advance(k0 + L + g.smax, tmp);
-        qrow[j].advance(k0 + L + g.smax);
-        grow[j].advance(k0 + L + g.smax);
+        const A* qrows = qrow[j].buf;  // the rows of Q and dO, stride qrs, grs (0: the ring's), columns qc, gc
+        const A* grows = grow[j].buf;
+        int64_t qrs = 0, grs = 0;
+        const int64_t *qc = col, *gc = col;
+        if (qg_direct) {
+          const bool in_grid = block_rows_in_grid(g, k0, nv, shift, n);
+          qrows = block_product_rows(true, in_grid, qrow[j], qrow[j].hr, g, k0, shift, n, qcol.data(), &qrs);
+          grows = block_product_rows(true, in_grid, grow[j], grow[j].hr, g, k0, shift, n, gcol.data(), &grs);
+          qc = qcol.data();
+          gc = gcol.data();
+        } else {
+          qrow[j].advance(k0 + L + g.smax);
+          grow[j].advance(k0 + L + g.smax);
+        }
 #if defined(__AVX512F__)
         __m512* const part_v = reinterpret_cast<__m512*>(pbuf);
 #endif
@@ -1704,11 +1760,11 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;
         if (j + 1 == group) {
-          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
-          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
+          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grows, Dv, gc, mask, n, nv, init_v, Dv, grs);
+          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrows, D, qc, mask, n, nv, init_k, D, qrs);
         } else {
-          lane_pv_rows(dVs, Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
-          lane_pv_rows(dKs, D, one, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
+          lane_pv_rows(dVs, Dv, one, Sb, grows, Dv, gc, mask, n, nv, init_v, Dv, grs);
+          lane_pv_rows(dKs, D, one, Pb, qrows, D, qc, mask, n, nv, init_k, D, qrs);
         }
       }
     }
