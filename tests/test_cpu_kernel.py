@@ -592,11 +592,13 @@ def test_probs_pair_through_autograd_retain_graph():
         assert rel_err(a, b) < TOLERANCE[torch.float64]
 
 
+@pytest.mark.parametrize("kernel_size", [3, (1, 3, 3)], ids=["333", "133"])
 @pytest.mark.parametrize("layout", ["contiguous", "head-major-kv"])
-def test_lane_kernels_large_output(layout):
-    """An output and gradients beyond the caches (over 4 MiB: non-temporal stores on AVX-512 builds),
-    value rows read with other strides too: the same results as the oracle."""
-    case = Case("lanes-large", (5, 16, 16), heads=16, heads_kv=16, D=64, B=1)
+def test_lane_kernels_large_output(layout, kernel_size):
+    """An output and gradients beyond the caches (over 4 MiB: non-temporal stores on AVX-512 builds, the
+    kept probabilities' too), value rows read with other strides too; the image window reads its rows in
+    place where they are evenly spaced: the same results as the oracle."""
+    case = Case("lanes-large", (5, 16, 16), kernel_size=kernel_size, heads=16, heads_kv=16, D=64, B=1)
     q, k, v = case.inputs(torch.float32)
     if layout == "head-major-kv":
         k, v = (x.permute(0, 4, 1, 2, 3, 5).contiguous().permute(0, 2, 3, 4, 1, 5) for x in (k, v))

@@ -629,14 +629,18 @@ inline void lane_pv(A* __restrict Ot, const A* __restrict c, const A* __restrict
 // of Q and dO and the K^T / V^T rings); and P, written by the forward (na3d_fwd_probs) and read by the key
 // pass, which then skips S (a product, the Q^T and lse rings, the exponentials). For small windows the
 // backward's products go from 9 to 4. Layout per (batch, head): one row per relative offset (dt, dh, dw)
-// of the key side's box (key -> query), over the keys (flat key index + kPad, so that the masked lanes of
-// border blocks stay inside the row): a key block's entry is one contiguous vector store, a query block's
-// entry (the opposite offset) one vector load.
+// of the key side's box (key -> query), over the queries (flat query index + kPad, so that the masked
+// lanes of border key blocks stay inside the row): a query block's entry is one aligned vector (the
+// forward's P and the query pass's dS go out as whole cache lines), a key block's entry (the opposite
+// offset) one unaligned vector at the block plus the entry's shift. Loads pay less for being unaligned
+// than stores: with the rows over the keys (until session 7) each of the forward's P stores split two
+// lines, each read for ownership. NÜWA (1,3,3), na3d_fwd_probs, two threads, alternating runs: 1.31 ->
+// 1.24 ms with the rows over the queries, 1.20 with P's lines stored non-temporally (lane_fwd_kernel).
 struct DsStore {
-  static constexpr int64_t kPad = 16;  // key 0 sits at this element of a row (>= L of float and double)
+  static constexpr int64_t kPad = 16;  // query 0 sits at this element of a row (>= L of float and double)
   int64_t nh = 0, nw = 0;     // the key side's box extents along H and W
   int64_t lo[3] = {0, 0, 0};  // its lowest offsets
-  int64_t ld = 0, rows = 0;   // row length (keys and pads), rows per (batch, head)
+  int64_t ld = 0, rows = 0;   // row length (queries and pads), rows per (batch, head)
 
   // Whether the call's offsets decompose uniquely from flat shifts (box narrower than the grid along H
   // and W on both sides), and the store's elements when they do (0 otherwise).
@@ -644,14 +648,15 @@ struct DsStore {
   static int64_t elems(const Problem& pr, const LaneGeom& gq, const LaneGeom& gk) {
     for (const LaneGeom* g : {&gq, &gk})
       if (g->rhi[1] - g->rlo[1] + 1 > g->H || g->rhi[2] - g->rlo[2] + 1 > g->W) return 0;
-    return pr.B * pr.heads * gk.box_max * (round_up(gk.Nq, L) + 2 * kPad);
+    return pr.B * pr.heads * gk.box_max * (round_up(gq.Nq, L) + 2 * kPad);
   }
+  // gk: the key side's geometry, gq: the query side's.
   template <int L>
-  void init(const LaneGeom& gk) {
+  void init(const LaneGeom& gq, const LaneGeom& gk) {
     nh = gk.rhi[1] - gk.rlo[1] + 1;
     nw = gk.rhi[2] - gk.rlo[2] + 1;
     for (int a = 0; a < 3; ++a) lo[a] = gk.rlo[a];
-    ld = round_up(gk.Nq, L) + 2 * kPad;
+    ld = round_up(gq.Nq, L) + 2 * kPad;
     rows = gk.box_max;
   }
   // (dt, dh, dw) of a flat shift s whose offsets lie in [rlo, rhi] of geometry g.
@@ -666,25 +671,18 @@ struct DsStore {
   int32_t row(const int64_t* d) const {
     return static_cast<int32_t>(((d[0] - lo[0]) * nh + (d[1] - lo[1])) * nw + (d[2] - lo[2]));
   }
-  // Element of key 0 in the rows of (b, head).
+  // Element of query 0 in the rows of (b, head).
   int64_t base(int64_t b, int64_t head, int64_t heads) const { return (b * heads + head) * rows * ld + kPad; }
   // Elements of the rows of one (batch, head), from base(b, head, heads) - kPad.
   int64_t head_elems() const { return rows * ld; }
-  // The query-side flat shift (key = query + shift) of row r: minus its offsets' flat shift on grid g.
-  int64_t query_shift(const LaneGeom& g, int64_t r) const {
-    const int64_t dw = r % nw + lo[2], dh = (r / nw) % nh + lo[1], dt = r / (nw * nh) + lo[0];
-    return -(dt * g.HW + dh * g.W + dw);
-  }
-  // Zeroes the elements of one (batch, head)'s rows (hb: base(b, head, heads)) that no query block owns:
-  // block q0 owns, in row r, the L elements of keys q0 + qshift[r] + [0, L) (their pairs' queries are
-  // its lanes); nq: the queries rounded up to whole blocks.
+  // Zeroes the elements of one (batch, head)'s rows (hb: base(b, head, heads)) that no query block owns
+  // (block q0 owns elements q0 + [0, L) of every row): the pads.
   template <typename A>
-  void zero_unowned(A* hb, const int64_t* qshift, int64_t nq) const {
+  void zero_unowned(A* hb) const {
     for (int64_t r = 0; r < rows; ++r) {
       A* row = hb + r * ld;
-      const int64_t a = std::clamp(qshift[r], -kPad, ld - kPad), b = std::clamp(qshift[r] + nq, -kPad, ld - kPad);
-      std::fill(row - kPad, row + a, A(0));
-      std::fill(row + b, row + ld - kPad, A(0));
+      std::fill(row - kPad, row, A(0));
+      std::fill(row + ld - 2 * kPad, row + ld - kPad, A(0));
     }
   }
 };
@@ -770,6 +768,22 @@ std::shared_ptr<const LaneTables> lane_tables(const Problem& pr, const LaneGeom&
     it = (total > kLaneTablesBytes && it != cache.begin()) ? cache.erase(it) : std::next(it);
   }
   return t;
+}
+
+// *p = v with a non-temporal store (p 64-byte aligned): no read for ownership of a line that will not be
+// read again soon. AVX-512 builds (a regular store otherwise).
+template <typename A>
+inline void vst_nt(A* p, const Vec<A>& v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<A, float>::value) {
+    _mm512_stream_ps(p, reinterpret_cast<const __m512&>(v));
+    return;
+  } else {
+    _mm512_stream_pd(p, reinterpret_cast<const __m512d&>(v));
+    return;
+  }
+#endif
+  vst(p, v);
 }
 
 // *p = v on the lanes set in `mask` (the other elements of p untouched).
@@ -1096,16 +1110,10 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
     for (int j = 0; j < NB; ++j) {
       const Vec<A> y = acc[u][j] * fu;
       if constexpr (std::is_same<S, A>::value) {
-#if defined(__AVX512F__)
-        if (kStream) {  // non-temporal: no read for ownership of output lines that are not cached
-          if constexpr (std::is_same<A, float>::value)
-            _mm512_stream_ps(o + j * L, reinterpret_cast<const __m512&>(y));
-          else
-            _mm512_stream_pd(o + j * L, reinterpret_cast<const __m512d&>(y));
-          continue;
-        }
-#endif
-        vst(o + j * L, y);
+        if (kStream)  // non-temporal: no read for ownership of output lines that are not cached
+          vst_nt(o + j * L, y);
+        else
+          vst(o + j * L, y);
       } else {
         for (int l = 0; l < L; ++l) o[j * L + l] = static_cast<S>(y[l]);
       }
@@ -1221,13 +1229,13 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, probs ? ps : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& psr = tables->rows;
-  std::vector<int64_t> pshift(probs ? ps->rows : 0);
-  for (int64_t r = 0; r < static_cast<int64_t>(pshift.size()); ++r) pshift[r] = ps->query_shift(g, r);
-  const int64_t nq_blocks = round_up(g.Nq, L);
   if (probs)
-    for (int64_t bh = 0; bh < pr.B * heads; ++bh)
-      ps->zero_unowned(probs + ps->base(bh / heads, bh % heads, heads), pshift.data(), nq_blocks);
+    for (int64_t bh = 0; bh < pr.B * heads; ++bh) ps->zero_unowned(probs + ps->base(bh / heads, bh % heads, heads));
   const bool stream_out = stream_rows<S, A>(out, double(pr.B) * heads * g.Nq, Dv);
+  // The probabilities too when the output goes past the caches (their lines would be evicted before the
+  // backward reads them); one aligned line per row and block. NÜWA (1,3,3), two threads, alternating
+  // runs: na3d_fwd_probs 1.24 -> 1.20 ms, with na3d_bwd_probs after it 4.27-4.51 -> 4.06-4.10.
+  const bool stream_probs = probs && stream_out && reinterpret_cast<uintptr_t>(probs) % 64 == 0;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
@@ -1247,7 +1255,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
     uint32_t* mw = mh + (g.rhi[1] - g.rlo[1] + 1);
     const int64_t first_col = std::max<int64_t>(qa + g.smin, -L);
-    std::vector<int32_t> prow_entry(pshift.size());  // the block's entry of each row of the store, or -1
+    std::vector<int32_t> prow_entry(probs ? ps->rows : 0);  // the block's entry of each row of the store, or -1
     KRing kr;
     RowRing<S, kUnit, A> vr;
     const HeadRows<S> kh = head_rows(k, ks, b, gh, D);
@@ -1328,16 +1336,10 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           const Vec<A> il = vld(inv_l);
           for (int64_t r = 0; r < ps->rows; ++r) {
             const Vec<A> x = prow_entry[r] >= 0 ? vld(Sb + prow_entry[r] * L) * il : Vec<A>{};
-            const int64_t k0 = q0 + pshift[r];  // key of lane 0
-            A* dst = pb + r * ps->ld + pshift[r];
-            if (k0 >= -DsStore::kPad && k0 + L <= ps->ld - DsStore::kPad) {
-              vst(dst, x);
-            } else {  // a row end: the lanes inside the row
-              uint32_t m = 0;
-              for (int i = 0; i < L; ++i)
-                m |= uint32_t(k0 + i >= -DsStore::kPad && k0 + i < ps->ld - DsStore::kPad) << i;
-              vst_masked(dst, x, m);
-            }
+            if (stream_probs)
+              vst_nt(pb + r * ps->ld, x);
+            else
+              vst(pb + r * ps->ld, x);
           }
         }
         // out = P V, in the natural layout: value rows in place or from the ring, straight into the output rows.
@@ -1462,10 +1464,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     const auto prefetch_stores = [&](int64_t hb, const A* s0, const A* s1) {
       if (q0 + kDsAhead * L >= qb) return;
       const int64_t bi = q0 / L + kDsAhead;
-      const int64_t* sh = et.shift.data() + bi * et.stride;
       const int32_t* ra = dsr.data() + bi * et.stride;
       for (int64_t e = 0; e < et.count[bi]; ++e) {
-        const int64_t off = hb + kDsAhead * L + ra[e] * ds->ld + sh[e] + L - 1;
+        const int64_t off = hb + kDsAhead * L + ra[e] * ds->ld;
         prefetch_l2(s0 + off);
         if (s1) prefetch_l2(s1 + off);
       }
@@ -1495,7 +1496,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
         if (ds_in) {  // dS from the key pass; masked lanes read other pairs' (or unwritten) slots: zeroed
           prefetch_stores(hb, ds_in, nullptr);
           for (int64_t e = 0; e < n; ++e) {
-            const Vec<A> x = vld(ds_in + hb + rr[e] * ds->ld + shift[e]);
+            const Vec<A> x = vld(ds_in + hb + rr[e] * ds->ld);
             vst(Pb + e * L, lane_mask<A>(mask[e]) ? x : Vec<A>{});
           }
         } else {
@@ -1524,7 +1525,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             }
             Vec<A> dl = {};  // one chain in entry order, as the forward's sums
             for (int64_t e = 0; e < n; ++e) {
-              const Vec<A> p = lane_mask<A>(mask[e]) ? vld(p_in + hb + rr[e] * ds->ld + shift[e]) : Vec<A>{};
+              const Vec<A> p = lane_mask<A>(mask[e]) ? vld(p_in + hb + rr[e] * ds->ld) : Vec<A>{};
               vst(Sb + e * L, p);
               dl += p * vld(Pb + e * L);
             }
@@ -1535,7 +1536,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             for (int64_t e = 0; e < n; ++e) {
               const Vec<A> x = vld(Sb + e * L) * (vld(Pb + e * L) - dl);
               vst(Pb + e * L, x);
-              vst(ds_out + hb + rr[e] * ds->ld + shift[e], x);  // the block's own elements of row rr[e]
+              vst(ds_out + hb + rr[e] * ds->ld, x);  // the block's own elements of row rr[e]
             }
           } else {
             if constexpr (kRows) {
@@ -1721,16 +1722,19 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         if ((p_in || ds_out || ds_in) && k0 + kDsAhead * L < kb) {  // the stores' rows kDsAhead blocks ahead (one
           const int64_t bi = k0 / L + kDsAhead;               // stream per row, as the query pass's dS)
           const int32_t* ra = dsr.data() + bi * et.stride;
+          const int64_t* sa = et.shift.data() + bi * et.stride;
           const int64_t off = ds->base(b, gh * group + j, pr.heads) + k0 + kDsAhead * L + L - 1;
           for (int64_t e = 0; e < et.count[bi]; ++e) {
-            if (p_in) prefetch_l2(p_in + off + ra[e] * ds->ld);
-            if (ds_out) prefetch_l2(ds_out + off + ra[e] * ds->ld);
-            if (ds_in) prefetch_l2(ds_in + off + ra[e] * ds->ld);
+            const int64_t o = off + ra[e] * ds->ld + sa[e];
+            if (p_in) prefetch_l2(p_in + o);
+            if (ds_out) prefetch_l2(ds_out + o);
+            if (ds_in) prefetch_l2(ds_in + o);
           }
         }
         if (p_in) {
           const A* pb = p_in + ds->base(b, gh * group + j, pr.heads) + k0;
-          for (int64_t e = 0; e < n; ++e) vst(Sb + e * L, lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld) : Vec<A>{});
+          for (int64_t e = 0; e < n; ++e)
+            vst(Sb + e * L, lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld + shift[e]) : Vec<A>{});
         } else {
           if constexpr (kRows) {
 #if defined(__AVX512F__)
@@ -1746,14 +1750,15 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         }
         if (ds_in) {  // dS from the query pass (masked lanes read elements of no pair)
           const A* db = ds_in + ds->base(b, gh * group + j, pr.heads) + k0;
-          for (int64_t e = 0; e < n; ++e) vst(Pb + e * L, lane_mask<A>(mask[e]) ? vld(db + rr[e] * ds->ld) : Vec<A>{});
+          for (int64_t e = 0; e < n; ++e)
+            vst(Pb + e * L, lane_mask<A>(mask[e]) ? vld(db + rr[e] * ds->ld + shift[e]) : Vec<A>{});
         } else {
           for (int64_t e = 0; e < n; ++e)
             vst(Pb + e * L, vld(Sb + e * L) * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
         }
         if (ds_out) {
           A* dsb = ds_out + ds->base(b, gh * group + j, pr.heads) + k0;
-          for (int64_t e = 0; e < n; ++e) vst(dsb + rr[e] * ds->ld, vld(Pb + e * L));
+          for (int64_t e = 0; e < n; ++e) vst(dsb + rr[e] * ds->ld + shift[e], vld(Pb + e * L));
         }
         // dV = P^T dO and dK = scale dS^T Q in the natural layout, from the rows of dO and Q; a group's
         // heads summed in order in dKs / dVs, the last head's sums stored into dK, dV.

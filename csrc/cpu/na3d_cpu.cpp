@@ -1087,7 +1087,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_impl(const at::Tensor& q
     DsStore ps;
     if (np > 0) {
       constexpr int L = kLanes<A>;
-      ps.init<L>(lane_geom(pr, /*key_side=*/true));
+      ps.init<L>(lane_geom(pr), lane_geom(pr, /*key_side=*/true));
       probs = pooled_empty({np}, query.options().dtype(acc_type(dtype)));  // zeroed by the kernel
     }
     A* pp = np > 0 ? probs.data_ptr<A>() : nullptr;
@@ -1194,7 +1194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
         const int64_t ds_elems = lane_pair_store_elems<A>(pr, kDsPerQuery);
         if (ds_elems > 0) {
           DsStore st;
-          st.init<L>(lane_geom(pr, /*key_side=*/true));
+          st.init<L>(lane_geom(pr), lane_geom(pr, /*key_side=*/true));
           A* buf = static_cast<A*>(pool_alloc(ds_elems * sizeof(A)));
           struct Free {
             A* p;
