@@ -1424,6 +1424,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, D);
   const bool v_direct = kRows && direct_rows_ok<S, kUnit, A>(pr, g, vs, Dv);
   const bool stream_dq = stream_rows<S, A>(dq, double(pr.B) * heads * g.Nq, D);
+  // The dS store's lines too when dQ goes past the caches (the key pass reads them after every head's
+  // query pass), as the forward's P.
+  const bool stream_ds = ds_out && stream_dq && reinterpret_cast<uintptr_t>(ds_out) % 64 == 0;
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : p_in ? D + Dv : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
@@ -1536,7 +1539,10 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             for (int64_t e = 0; e < n; ++e) {
               const Vec<A> x = vld(Sb + e * L) * (vld(Pb + e * L) - dl);
               vst(Pb + e * L, x);
-              vst(ds_out + hb + rr[e] * ds->ld, x);  // the block's own elements of row rr[e]
+              if (stream_ds)  // the block's own elements of row rr[e]: one aligned line
+                vst_nt(ds_out + hb + rr[e] * ds->ld, x);
+              else
+                vst(ds_out + hb + rr[e] * ds->ld, x);
             }
           } else {
             if constexpr (kRows) {
