@@ -475,10 +475,10 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
 // in their natural layout. Each (query, entry) pair sums 16 partial products over the head dim in one
 // register (four queries at a time along a run of entries in consecutive key rows, each query row and key
 // row loaded once: row_dots_run; key rows are aligned), then a transposed reduction turns the 16 queries'
-// registers of an entry into its lane vector (unpack / 128-bit shuffle + add, 15 combines per entry; every query's partials summed in
-// the same tree, so a query's score does not depend on its lane). Against lane_scores it needs no
-// transposes of Q or K, and its key loads are aligned (lane_scores' start at the block plus the shift:
-// most are unaligned, which this machine's load ports pay for twice).
+// registers of an entry into its lane vector (unpack / 128-bit shuffle + add, 15 combines per entry; every
+// query's partials summed in the same tree, so a query's score does not depend on its lane). Against
+// lane_scores it needs no transposes of Q or K, and its key loads are aligned (lane_scores' start at the
+// block plus the shift: most are unaligned, which this machine's load ports pay for twice).
 #if defined(__AVX512F__)
 constexpr bool kRowScores = true;
 #else
@@ -785,6 +785,14 @@ inline void vst_nt(A* p, const Vec<A>& v) {
 #endif
   vst(p, v);
 }
+// vst_nt when `nt`, vst otherwise.
+template <typename A>
+inline void vst_to(bool nt, A* p, const Vec<A>& v) {
+  if (nt)
+    vst_nt(p, v);
+  else
+    vst(p, v);
+}
 
 // *p = v on the lanes set in `mask` (the other elements of p untouched).
 template <typename A>
@@ -1018,7 +1026,8 @@ inline bool direct_rows_ok(const Problem& pr, const LaneGeom& g, const Strides& 
 }
 
 // out[i] (row i < nv of the block, row stride ors) = f[i] * sum_e P[e * L + i] * row(col[e] + i) over the
-// entries e, in entry order; row(c) = rows + c * X (a RowRing). P is 0 on the masked lanes (which add exact
+// entries e, in entry order; row(c) = rows + c * rs (rs_: the rows' stride, in place; 0: X, a RowRing). P
+// is 0 on the masked lanes (which add exact
 // zeros, as in lane_pv); entries masked for all the QB queries of a group are skipped. QB queries at a
 // time, NB vectors of the head dim each, in registers. With `init` (rows of the accumulation type, row
 // stride irs; may be `out` itself), the sums start from init[i] instead of 0 (the backward's key pass sums
@@ -1083,12 +1092,9 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
           case 5: run(std::integral_constant<int64_t, 5>{}); break;
           case 6: run(std::integral_constant<int64_t, 6>{}); break;
           case 7: run(std::integral_constant<int64_t, 7>{}); break;
-          default: {
-            int64_t j = 0;
-            for (; j < QB - 1; ++j) row(j, static_cast<int>(std::max<int64_t>(0, j - M + 1)), static_cast<int>(j));
-            for (; j < M; ++j) row(j, 0, QB - 1);
-            for (; j < M + QB - 1; ++j) row(j, static_cast<int>(j - M + 1), QB - 1);
-          }
+          default:
+            for (int64_t j = 0; j < M + QB - 1; ++j)
+              row(j, static_cast<int>(std::max<int64_t>(0, j - M + 1)), static_cast<int>(std::min<int64_t>(j, QB - 1)));
         }
       }
       e += M;
@@ -1110,10 +1116,7 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
     for (int j = 0; j < NB; ++j) {
       const Vec<A> y = acc[u][j] * fu;
       if constexpr (std::is_same<S, A>::value) {
-        if (kStream)  // non-temporal: no read for ownership of output lines that are not cached
-          vst_nt(o + j * L, y);
-        else
-          vst(o + j * L, y);
+        vst_to(kStream, o + j * L, y);  // non-temporal: no read for ownership of lines not cached
       } else {
         for (int l = 0; l < L; ++l) o[j * L + l] = static_cast<S>(y[l]);
       }
@@ -1336,10 +1339,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           const Vec<A> il = vld(inv_l);
           for (int64_t r = 0; r < ps->rows; ++r) {
             const Vec<A> x = prow_entry[r] >= 0 ? vld(Sb + prow_entry[r] * L) * il : Vec<A>{};
-            if (stream_probs)
-              vst_nt(pb + r * ps->ld, x);
-            else
-              vst(pb + r * ps->ld, x);
+            vst_to(stream_probs, pb + r * ps->ld, x);
           }
         }
         // out = P V, in the natural layout: value rows in place or from the ring, straight into the output rows.
@@ -1539,10 +1539,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             for (int64_t e = 0; e < n; ++e) {
               const Vec<A> x = vld(Sb + e * L) * (vld(Pb + e * L) - dl);
               vst(Pb + e * L, x);
-              if (stream_ds)  // the block's own elements of row rr[e]: one aligned line
-                vst_nt(ds_out + hb + rr[e] * ds->ld, x);
-              else
-                vst(ds_out + hb + rr[e] * ds->ld, x);
+              vst_to(stream_ds, ds_out + hb + rr[e] * ds->ld, x);  // the block's own elements: one aligned line
             }
           } else {
             if constexpr (kRows) {
@@ -1674,6 +1671,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       const uint32_t* mask;
       const int64_t n = et.get<L, true>(pr, g, k0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       qrow[0].slots(k0, shift, n, col);
+      const bool qg_in_grid = qg_direct && block_rows_in_grid(g, k0, nv, shift, n);
       if (k0 + L < kb && !ds_in) {  // the next block's key and value rows
         if (!p_in) prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
         prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
@@ -1702,9 +1700,8 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         int64_t qrs = 0, grs = 0;
         const int64_t *qc = col, *gc = col;
         if (qg_direct) {
-          const bool in_grid = block_rows_in_grid(g, k0, nv, shift, n);
-          qrows = block_product_rows(true, in_grid, qrow[j], qrow[j].hr, g, k0, shift, n, qcol.data(), &qrs);
-          grows = block_product_rows(true, in_grid, grow[j], grow[j].hr, g, k0, shift, n, gcol.data(), &grs);
+          qrows = block_product_rows(true, qg_in_grid, qrow[j], qrow[j].hr, g, k0, shift, n, qcol.data(), &qrs);
+          grows = block_product_rows(true, qg_in_grid, grow[j], grow[j].hr, g, k0, shift, n, gcol.data(), &grs);
           qc = qcol.data();
           gc = gcol.data();
         } else {
