@@ -1,6 +1,6 @@
 """The fused CPU kernel against the GEMM rate and against SDPA, all in one process (issue 13).
 
-    python -m benchmarks.cpu_gemm_rate [--reps 7] [--cases 333,777,133,333c,777c] [--bwd]
+    python -m benchmarks.cpu_gemm_rate [--reps 7] [--cases 333,777,133,333c,777c] [--bwd] [--heads-contiguous]
 
 For each case on the NÜWA video grid (10x21x21, 8 heads, D=64, fp32, B=1, default threads): the
 median time of ``nearby_attention(backend="cpu")`` forward (and forward+backward with ``--bwd``), the
@@ -9,6 +9,11 @@ useful GFLOP/s (the report's convention, ``benchmarks.cases.attention_flops``: 4
 backward is not counted), its share of the same-process ``torch.mm``
 fp32 rate, and the speedup over full SDPA (``is_causal=True`` SDPA for the raster-causal cases).
 Medians of several repeats; the ``uptime`` load is printed beside the results (shared cores).
+
+``--heads-contiguous`` passes query, key and value as views of ``(B, heads, T, H, W, D)`` tensors (the
+contract's layout, each head's rows contiguous instead of 2 KiB apart for 8 heads of 64): the same
+kernel on the same data, to measure what the token-major layout's row stride costs the memory system
+(``gemm-rate.md``, session 8). Outputs and gradients come back in the contract's layout either way.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ def mm_rate(reps: int) -> float:
     return 2 * n ** 3 / t / 1e9
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--cases", default=",".join(CASES))
@@ -71,9 +76,11 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--heads-contiguous", action="store_true",
+                    help="q, k, v as views of (B, heads, T, H, W, D) tensors (each head's rows contiguous)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, process CPU time instead of wall time (a busy machine: the work, not the waits)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
@@ -82,9 +89,13 @@ def main() -> None:
     heads, D = args.heads, args.dim
     N = grid[0] * grid[1] * grid[2]
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, *grid, heads, D) for _ in range(3))
+    if args.heads_contiguous:
+        q, k, v = (torch.randn(1, heads, *grid, D).permute(0, 2, 3, 4, 1, 5) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(1, *grid, heads, D) for _ in range(3))
     print(f"cpu: {cpu_model()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
-          f"build {nuwa_kernels._build_info.BUILD.get('cpu_arch') if hasattr(nuwa_kernels, '_build_info') else '?'}")
+          f"build {nuwa_kernels._build_info.BUILD.get('cpu_arch') if hasattr(nuwa_kernels, '_build_info') else '?'}"
+          f"{', heads contiguous' if args.heads_contiguous else ''}")
     rate = mm_rate(args.reps)
     print(f"torch.mm fp32 1024^3: {rate:.1f} GFLOP/s")
     sd = {}
@@ -109,7 +120,7 @@ def main() -> None:
         if sd:
             line += f"  {sd[causal] / t:6.1f}x SDPA"
         if args.bwd:
-            qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+            qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))  # clone keeps the strides
             go = torch.randn_like(q)
 
             def fb():  # the gradients returned, not accumulated into .grad (no extra adds in the timing)

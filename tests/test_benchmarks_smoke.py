@@ -308,3 +308,21 @@ def test_gpu_profile_rows(tmp_path, monkeypatch, capsys):
         gp.main(["--sets", "nope"])
     assert [p.name for p in gp.make_providers(["triton", "cuda", "cudnn"], Case("hunyuan", (2, 2, 2), 3, backward=True))] == [
         "nearby-triton", "full-sdpa-cudnn"]
+
+
+@pytest.mark.parametrize("layout", [[], ["--heads-contiguous"]])
+def test_cpu_gemm_rate_runs(layout, capsys):
+    """benchmarks/cpu_gemm_rate.py on a tiny grid, both input layouts: a line per case with the share of
+    torch.mm, forward and forward+backward (the script issue 13's figures come from)."""
+    if "cpu" not in nuwa_kernels.available_backends():
+        pytest.skip("the fused CPU kernel is not built")
+    from benchmarks import cpu_gemm_rate
+
+    cpu_gemm_rate.main(["--grid", "2,5,6", "--heads", "2", "--dim", "16", "--reps", "1", "--no-sdpa", "--bwd",
+                        "--cases", "133,333c"] + layout)
+    out = capsys.readouterr().out
+    assert ("heads contiguous" in out) == bool(layout)
+    lines = [ln for ln in out.splitlines() if " fwd " in ln]
+    assert [ln.split()[0] for ln in lines] == ["133", "333c"]
+    for ln in lines:
+        assert "% of mm" in ln and "fwd+bwd" in ln
