@@ -10,10 +10,10 @@ backward is not counted), its share of the same-process ``torch.mm``
 fp32 rate, and the speedup over full SDPA (``is_causal=True`` SDPA for the raster-causal cases).
 Medians of several repeats; the ``uptime`` load is printed beside the results (shared cores).
 
-``--heads-contiguous`` passes query, key and value as views of ``(B, heads, T, H, W, D)`` tensors (the
-contract's layout, each head's rows contiguous instead of 2 KiB apart for 8 heads of 64): the same
-kernel on the same data, to measure what the token-major layout's row stride costs the memory system
-(``gemm-rate.md``, session 8). Outputs and gradients come back in the contract's layout either way.
+``--heads-contiguous`` passes query, key and value as views of ``(B, heads, T, H, W, D)`` tensors (strided
+inputs of the contract's shapes, each head's rows contiguous instead of 2 KiB apart for 8 heads of 64):
+the same kernel on the same data, to measure what the token-major layout's row stride costs the memory
+system (``gemm-rate.md``, session 8). Outputs and gradients are token-major either way.
 """
 
 from __future__ import annotations
