@@ -1620,7 +1620,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);
-    std::vector<int64_t> qcol(qg_direct ? g.box_max : 0), gcol(qg_direct ? g.box_max : 0);
+    std::vector<int64_t> qgcol(qg_direct ? g.box_max : 0);  // the columns of Q's and dO's rows (the same)
     A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled (row_scores: [L][D] rows)
     A* Vt = Kt + D * L;      // [Dv][L] values, transposed (row_scores: [L][Dv] rows)
     A* Sb = Vt + Dv * L;     // [entries][L] scores, then P
@@ -1695,15 +1695,14 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         }
         if (!kRows && !ds_in) gr[j].advance(k0 + L + g.smax, tmp);
         if (!ds_in) dr[j].advance(k0 + L + g.smax, tmp);
-        const A* qrows = qrow[j].buf;  // the rows of Q and dO, stride qrs, grs (0: the ring's), columns qc, gc
+        const A* qrows = qrow[j].buf;  // the rows of Q and dO, stride qrs, grs (0: the ring's), columns qc
         const A* grows = grow[j].buf;
         int64_t qrs = 0, grs = 0;
-        const int64_t *qc = col, *gc = col;
-        if (qg_direct) {
-          qrows = block_product_rows(true, qg_in_grid, qrow[j], qrow[j].hr, g, k0, shift, n, qcol.data(), &qrs);
-          grows = block_product_rows(true, qg_in_grid, grow[j], grow[j].hr, g, k0, shift, n, gcol.data(), &grs);
-          qc = qcol.data();
-          gc = gcol.data();
+        const int64_t* qc = col;
+        if (qg_direct) {  // both rings start and advance together: one set of columns serves both
+          qrows = block_product_rows(true, qg_in_grid, qrow[j], qrow[j].hr, g, k0, shift, n, qgcol.data(), &qrs);
+          grows = block_product_rows(true, qg_in_grid, grow[j], grow[j].hr, g, k0, shift, n, qgcol.data(), &grs);
+          qc = qgcol.data();
         } else {
           qrow[j].advance(k0 + L + g.smax);
           grow[j].advance(k0 + L + g.smax);
@@ -1768,10 +1767,10 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;
         if (j + 1 == group) {
-          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grows, Dv, gc, mask, n, nv, init_v, Dv, grs);
+          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grows, Dv, qc, mask, n, nv, init_v, Dv, grs);
           pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrows, D, qc, mask, n, nv, init_k, D, qrs);
         } else {
-          lane_pv_rows(dVs, Dv, one, Sb, grows, Dv, gc, mask, n, nv, init_v, Dv, grs);
+          lane_pv_rows(dVs, Dv, one, Sb, grows, Dv, qc, mask, n, nv, init_v, Dv, grs);
           lane_pv_rows(dKs, D, one, Pb, qrows, D, qc, mask, n, nv, init_k, D, qrs);
         }
       }
