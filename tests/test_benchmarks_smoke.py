@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -326,3 +328,25 @@ def test_cpu_gemm_rate_runs(layout, capsys):
     assert [ln.split()[0] for ln in lines] == ["133", "333c"]
     for ln in lines:
         assert "% of mm" in ln and "fwd+bwd" in ln
+
+
+def test_cpu_read_bound_runs(tmp_path, capsys):
+    """benchmarks/cpu_read_bound.py on a tiny grid: the read-pattern stand-in builds, runs in both layouts
+    with and without prefetches, and prints a time per layout beside the fused forward's; the stand-in
+    refuses bad arguments instead of running them."""
+    if "cpu" not in nuwa_kernels.available_backends():
+        pytest.skip("the fused CPU kernel is not built")
+    from benchmarks import cpu_read_bound
+
+    if not cpu_read_bound.has_avx512() or cpu_read_bound.compiler() is None:
+        pytest.skip("the read-pattern stand-in needs an AVX-512 CPU and a C compiler")
+    cpu_read_bound.main(["--grid", "2,5,7", "--heads", "2", "--dim", "32", "--fmas", "0,64", "--reps", "2",
+                         "--rounds", "1"])
+    out = capsys.readouterr().out
+    for label in ("no prefetch, 0 FMAs", "prefetch, 0 FMAs", "prefetch, 64 FMAs", "fused forward (1,3,3)"):
+        line = next(ln for ln in out.splitlines() if label in ln)
+        times = [float(x) for x in re.findall(r"([0-9.]+) ms", line)]
+        assert len(times) == 2 and all(t > 0 for t in times), line
+    exe = cpu_read_bound.build(str(tmp_path))
+    with pytest.raises(subprocess.CalledProcessError):
+        cpu_read_bound.run_pattern(exe, 70, 2, 24, 8, 0, 0, 1, True, 1)  # a head dim not in whole vectors

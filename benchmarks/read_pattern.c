@@ -1,0 +1,120 @@
+// The memory side of the fused CPU forward for small windows, without its arithmetic: how fast can a core
+// stream a head's rows the way lane_fwd_kernel does, and how much of a stand-in for the in-core work hides
+// behind it? Driven by benchmarks/cpu_read_bound.py (which compiles it); see docs/gemm-rate.md, session 9.
+//
+//   read_pattern NTOK HEADS D REACH LAYOUT FMAS REPS PREFETCH
+//
+// Q, K, V: NTOK tokens x HEADS heads x D floats each; LAYOUT 0 token-major (the contract's
+// (B, T, H, W, heads, D): a head's rows HEADS * D floats apart), 1 heads-contiguous (each head's rows
+// adjacent). Tasks are heads (OpenMP, dynamic), as in the kernel when B * heads covers the threads. Per
+// block of 16 queries and head, as the kernel does for windows read in place: prefetch (prefetcht1, line
+// by line across the rows) Q's rows two blocks ahead and K's and V's newest rows two blocks ahead (keys up
+// to REACH tokens past the queries: W + 1 for a (1, 3, 3) window on a W-wide grid), unless PREFETCH is 0;
+// load the block's 16 query rows and 16 newest key and value rows; FMAS vector FMAs (8 independent chains,
+// a multiple of 8) in place of the scores, softmax and P V; 16 output rows stored non-temporally.
+// Prints "min_ms median_ms" over REPS sweeps.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+enum { kBlock = 16, kAhead = 2 };
+
+static double now_s(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static int cmp_double(const void* a, const void* b) {
+  const double x = *(const double*)a, y = *(const double*)b;
+  return (x > y) - (x < y);
+}
+
+static void prefetch_l2(const void* p) { __asm__ volatile("prefetcht1 %0" : : "m"(*(const char*)p)); }
+
+typedef struct {
+  long ntok, heads, d, layout;
+} Shape;
+
+// Row of token t, head h.
+static const float* row(const float* x, const Shape* s, long t, long h) {
+  return s->layout == 0 ? x + (t * s->heads + h) * s->d : x + (h * s->ntok + t) * s->d;
+}
+
+// Prefetches the rows of tokens [t0, t0 + kBlock) of head h that lie in the grid, line by line.
+static void prefetch_block(const float* x, const Shape* s, long t0, long h) {
+  for (long o = 0; o < s->d; o += 16)
+    for (long j = 0; j < kBlock && t0 + j < s->ntok; ++j) prefetch_l2(row(x, s, t0 + j, h) + o);
+}
+
+// One head's sweep; returns a checksum so that nothing is optimised away.
+static float sweep_head(const float* q, const float* k, const float* v, float* out, const Shape* s, long h,
+                        long reach, long fmas, int prefetch) {
+  __m512 acc = _mm512_setzero_ps(), c = _mm512_setzero_ps();
+  const __m512 w = _mm512_set1_ps(0.999f);
+  for (long q0 = 0; q0 < s->ntok; q0 += kBlock) {
+    const long nb = q0 + kBlock <= s->ntok ? kBlock : s->ntok - q0;
+    if (prefetch) {
+      prefetch_block(q, s, q0 + kAhead * kBlock, h);
+      prefetch_block(k, s, q0 + kAhead * kBlock + reach, h);
+      prefetch_block(v, s, q0 + kAhead * kBlock + reach, h);
+    }
+    for (long j = 0; j < nb; ++j) {
+      const long kt = q0 + j + reach < s->ntok ? q0 + j + reach : s->ntok - 1;
+      for (long o = 0; o < s->d; o += 16) {
+        acc = _mm512_add_ps(acc, _mm512_loadu_ps(row(q, s, q0 + j, h) + o));
+        acc = _mm512_add_ps(acc, _mm512_loadu_ps(row(k, s, kt, h) + o));
+        acc = _mm512_add_ps(acc, _mm512_loadu_ps(row(v, s, kt, h) + o));
+      }
+    }
+    __m512 c0 = c, c1 = c, c2 = c, c3 = c, c4 = c, c5 = c, c6 = c, c7 = c;
+    for (long i = 0; i < fmas / 8; ++i) {
+      c0 = _mm512_fmadd_ps(c0, w, acc), c1 = _mm512_fmadd_ps(c1, w, acc), c2 = _mm512_fmadd_ps(c2, w, acc);
+      c3 = _mm512_fmadd_ps(c3, w, acc), c4 = _mm512_fmadd_ps(c4, w, acc), c5 = _mm512_fmadd_ps(c5, w, acc);
+      c6 = _mm512_fmadd_ps(c6, w, acc), c7 = _mm512_fmadd_ps(c7, w, acc);
+    }
+    c = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3)),
+                      _mm512_add_ps(_mm512_add_ps(c4, c5), _mm512_add_ps(c6, c7)));
+    const __m512 y = _mm512_mul_ps(_mm512_add_ps(acc, c), _mm512_set1_ps(1e-9f));
+    for (long j = 0; j < nb; ++j)  // the output is token-major in both layouts, as the kernel's
+      for (long o = 0; o < s->d; o += 16) _mm512_stream_ps(out + ((q0 + j) * s->heads + h) * s->d + o, y);
+  }
+  return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(c);
+}
+
+int main(int argc, char** argv) {
+  if (argc != 9) {
+    fprintf(stderr, "usage: %s NTOK HEADS D REACH LAYOUT FMAS REPS PREFETCH\n", argv[0]);
+    return 2;
+  }
+  Shape s = {atol(argv[1]), atol(argv[2]), atol(argv[3]), atol(argv[5])};
+  const long reach = atol(argv[4]), fmas = atol(argv[6]), reps = atol(argv[7]);
+  const int prefetch = atoi(argv[8]);
+  if (s.ntok < 1 || s.heads < 1 || s.d < 16 || s.d % 16 || reach < 0 || fmas < 0 || reps < 1 ||
+      s.layout < 0 || s.layout > 1) {
+    fprintf(stderr, "read_pattern: bad arguments\n");
+    return 2;
+  }
+  const size_t n = (size_t)s.ntok * s.heads * s.d, bytes = (n * sizeof(float) + 63) / 64 * 64;
+  float* q = aligned_alloc(64, bytes);
+  float* k = aligned_alloc(64, bytes);
+  float* v = aligned_alloc(64, bytes);
+  float* out = aligned_alloc(64, bytes);
+  double* ts = malloc(sizeof(double) * reps);
+  if (!q || !k || !v || !out || !ts) return 1;
+  for (size_t i = 0; i < n; ++i) q[i] = k[i] = v[i] = 1e-3f * (float)(i % 97), out[i] = 0.f;
+  float sink = 0.f;
+  for (long r = 0; r < reps; ++r) {
+    const double t0 = now_s();
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : sink)
+    for (long h = 0; h < s.heads; ++h) sink += sweep_head(q, k, v, out, &s, h, reach, fmas, prefetch);
+    _mm_sfence();
+    ts[r] = now_s() - t0;
+  }
+  qsort(ts, reps, sizeof(double), cmp_double);
+  printf("%.4f %.4f\n", ts[0] * 1e3, ts[reps / 2] * 1e3);
+  fprintf(stderr, "checksum %g\n", (double)sink);
+  return 0;
+}
