@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads-contiguous", action="store_true",
                     help="q, k, v as views of (B, heads, T, H, W, D) tensors (each head's rows contiguous)")
     ap.add_argument("--cpu-time", action="store_true",
-                    help="one thread, process CPU time instead of wall time (a busy machine: the work, not the waits)")
+                    help="one thread, process CPU time instead of wall time "
+                         "(a busy machine: the work, not the waits)")
     args = ap.parse_args(argv)
     if args.cpu_time:
         global CLOCK
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         q, k, v = (torch.randn(1, heads, *grid, D).permute(0, 2, 3, 4, 1, 5) for _ in range(3))
     else:
         q, k, v = (torch.randn(1, *grid, heads, D) for _ in range(3))
+    arch = nuwa_kernels._build_info.BUILD.get("cpu_arch") if hasattr(nuwa_kernels, "_build_info") else "?"
     print(f"cpu: {cpu_model()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
-          f"build {nuwa_kernels._build_info.BUILD.get('cpu_arch') if hasattr(nuwa_kernels, '_build_info') else '?'}"
-          f"{', heads contiguous' if args.heads_contiguous else ''}")
+          f"build {arch}{', heads contiguous' if args.heads_contiguous else ''}")
     rate = mm_rate(args.reps)
     print(f"torch.mm fp32 1024^3: {rate:.1f} GFLOP/s")
     sd = {}

@@ -199,7 +199,8 @@ def test_default_threads_one_per_core(tmp_path, monkeypatch):
 
 
 def test_useful_flops_convention():
-    """4·D per allowed pair forward; forward + backward adds dV, dP, dQ, dK (8·D), not the recomputed QKᵀ."""
+    """4·D per allowed pair forward; forward + backward adds dV, dP, dQ, dK (8·D), not the recomputed
+    QKᵀ."""
     from benchmarks.cases import attention_flops, full_pairs
 
     assert attention_flops(10, 64, 8, 2, backward=False) == 4 * 64 * 10 * 8 * 2
@@ -215,9 +216,9 @@ def test_speedup_plot_layout():
 
     provs = ["nearby-cpu", "axial-sdpa", "masked-sdpa", "flex", "natten", "nuwa-pytorch", "nearby-cpu-shift"]
     cases, rows = [], []
-    for i, (grid, ks, causal) in enumerate(
-        [((1, 21, 21), (1, 3, 3), False), ((10, 21, 21), (3, 3, 3), False), ((10, 21, 21), (7, 7, 7), True)] * 3
-    ):
+    shapes = [((1, 21, 21), (1, 3, 3), False), ((10, 21, 21), (3, 3, 3), False),
+              ((10, 21, 21), (7, 7, 7), True)]
+    for i, (grid, ks, causal) in enumerate(shapes * 3):
         c = Case(f"nuwa-video{i}", grid, ks, causal, backward=i % 2 == 1).to_dict()
         cases.append(c)
         rows.append({"case": c["name"], "provider": "full-sdpa", "baseline": True, "speedup_vs_full": 1.0})
@@ -296,8 +297,8 @@ def test_gpu_profile_rows(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gp, "kernel_time", lambda step, iters: {"kernel_ms": 0.2, "kernels": []})
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     out = tmp_path / "profile.json"
-    assert gp.main(["--sets", "nuwa", "--providers", "cpu,reference", "--candidates", "--candidates-sets", "nuwa",
-                    "--json", str(out)]) == 0
+    assert gp.main(["--sets", "nuwa", "--providers", "cpu,reference", "--candidates", "--candidates-sets",
+                    "nuwa", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     cand = [r for r in rows if r["provider"].startswith("nearby-triton-large-")]
     assert len(cand) == len(gp.CANDIDATES) and all(r["status"] in ("ok", "skipped") for r in cand)
@@ -308,8 +309,9 @@ def test_gpu_profile_rows(tmp_path, monkeypatch, capsys):
     assert cpu_row["useful_tflops"] == pytest.approx(4 * 16 * pairs * 2 / 0.5e-3 / 1e12)
     with pytest.raises(SystemExit):
         gp.main(["--sets", "nope"])
-    assert [p.name for p in gp.make_providers(["triton", "cuda", "cudnn"], Case("hunyuan", (2, 2, 2), 3, backward=True))] == [
-        "nearby-triton", "full-sdpa-cudnn"]
+    hunyuan = Case("hunyuan", (2, 2, 2), 3, backward=True)
+    names = [p.name for p in gp.make_providers(["triton", "cuda", "cudnn"], hunyuan)]
+    assert names == ["nearby-triton", "full-sdpa-cudnn"]
 
 
 @pytest.mark.parametrize("layout", [[], ["--heads-contiguous"]])
