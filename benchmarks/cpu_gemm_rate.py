@@ -59,6 +59,14 @@ def timeit(fn, reps: int, warm: int = 2) -> float:
     return statistics.median(ts)
 
 
+def make_inputs(grid, heads: int, dim: int, heads_contiguous: bool = False):
+    """q, k, v of shape (1, T, H, W, heads, dim), fp32, standard normal: contiguous (token-major), or views of
+    (1, heads, T, H, W, dim) tensors (each head's rows contiguous)."""
+    if heads_contiguous:
+        return [torch.randn(1, heads, *grid, dim).permute(0, 2, 3, 4, 1, 5) for _ in range(3)]
+    return [torch.randn(1, *grid, heads, dim) for _ in range(3)]
+
+
 def mm_rate(reps: int) -> float:
     n = 1024
     a = torch.randn(n, n)
@@ -90,10 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     heads, D = args.heads, args.dim
     N = grid[0] * grid[1] * grid[2]
     torch.manual_seed(0)
-    if args.heads_contiguous:
-        q, k, v = (torch.randn(1, heads, *grid, D).permute(0, 2, 3, 4, 1, 5) for _ in range(3))
-    else:
-        q, k, v = (torch.randn(1, *grid, heads, D) for _ in range(3))
+    q, k, v = make_inputs(grid, heads, D, args.heads_contiguous)
     arch = nuwa_kernels._build_info.BUILD.get("cpu_arch") if hasattr(nuwa_kernels, "_build_info") else "?"
     print(f"cpu: {cpu_model()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
           f"build {arch}{', heads contiguous' if args.heads_contiguous else ''}")

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -35,7 +34,8 @@ if ROOT not in sys.path:  # also runnable as `python benchmarks/cpu_read_bound.p
     sys.path.insert(0, ROOT)
 
 import nuwa_kernels  # noqa: E402
-from benchmarks.measure import cpu_model  # noqa: E402
+from benchmarks.cpu_gemm_rate import make_inputs  # noqa: E402
+from benchmarks.measure import cpu_model, time_cpu  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "read_pattern.c")
 LAYOUTS = ("token-major", "heads-contiguous")
@@ -82,13 +82,8 @@ def run_pattern(exe: str, ntok: int, heads: int, dim: int, reach: int, layout: i
 
 def time_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reps: int) -> float:
     """Minimum time (ms) of ``reps`` calls of the fused CPU forward, (1,3,3), after one warm-up call."""
-    nuwa_kernels.nearby_attention(q, k, v, kernel_size=KERNEL_SIZE, backend="cpu")
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        nuwa_kernels.nearby_attention(q, k, v, kernel_size=KERNEL_SIZE, backend="cpu")
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    fwd = lambda: nuwa_kernels.nearby_attention(q, k, v, kernel_size=KERNEL_SIZE, backend="cpu")  # noqa: E731
+    return time_cpu(fwd, budget_s=0.0, min_reps=reps, max_reps=reps)["min_ms"]
 
 
 def measure(grid: Sequence[int], heads: int, dim: int, fmas: Sequence[int], reps: int, rounds: int,
@@ -99,10 +94,7 @@ def measure(grid: Sequence[int], heads: int, dim: int, fmas: Sequence[int], reps
     runs = [(f"read pattern, no prefetch, {fmas[0]} FMAs", fmas[0], False)]
     runs += [(f"read pattern, prefetch, {f} FMAs", f, True) for f in fmas]
     torch.manual_seed(0)
-    inputs = {
-        "token-major": [torch.randn(1, T, H, W, heads, dim) for _ in range(3)],
-        "heads-contiguous": [torch.randn(1, heads, T, H, W, dim).permute(0, 2, 3, 4, 1, 5) for _ in range(3)],
-    }
+    inputs = {layout: make_inputs(grid, heads, dim, layout == "heads-contiguous") for layout in LAYOUTS}
     samples: Dict[str, Dict[str, List[float]]] = {}
     for _ in range(rounds):
         for li, layout in enumerate(LAYOUTS):
