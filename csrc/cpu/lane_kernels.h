@@ -1242,6 +1242,14 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
+  // lse by (batch, head) rows of nq_pad queries first, one aligned vector per block and head, and into its
+  // (B, Nq, heads) layout after the tasks: stored there directly, a block's 16 scalars at a stride of
+  // `heads` land in cache lines that the tasks of the other heads, running on the other threads at the
+  // same queries, write too (false sharing). NÜWA (1,3,3), two threads, in-process alternation, medians:
+  // forward 1.36-1.43 -> 1.27-1.33 ms, training step 4.32-4.63 -> 4.23-4.56; one thread unchanged.
+  const int64_t nq_pad = round_up(g.Nq, L);
+  const std::unique_ptr<A, void (*)(void*)> lse_rows(static_cast<A*>(pool_alloc(sizeof(A) * pr.B * heads * nq_pad)),
+                                                     pool_free);  // uninitialised
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
@@ -1331,8 +1339,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
           const Vec<A> lsafe = any ? l : vsplat(A(1));
           vst(inv_l, any ? A(1) / lsafe : Vec<A>{});
           const Vec<A> lv = any ? msafe + log_vec(lsafe) : ninf;
-          A* lp = lse + (b * g.Nq + q0) * heads + head;
-          for (int i = 0; i < nv; ++i) lp[i * heads] = lv[i];
+          vst(lse_rows.get() + (b * heads + head) * nq_pad + q0, lv);  // lanes past nv: padding
         }
         if (probs) {  // P = p / l (0 on masked lanes) into every row's owned elements, 0 in rows without entry
           A* pb = probs + ps->base(b, head, heads) + q0;
@@ -1351,6 +1358,13 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
 #if defined(__AVX512F__)
     if (stream_out) _mm_sfence();  // the non-temporal stores are visible before the task ends
 #endif
+  });
+  at::parallel_for(0, pr.B * g.Nq, 4096, [&](int64_t r0, int64_t r1) {  // lse[b, q, head] = lse_rows[b, head, q]
+    for (int64_t r = r0; r < r1; ++r) {
+      const A* src = lse_rows.get() + (r / g.Nq) * heads * nq_pad + r % g.Nq;
+      A* dst = lse + r * heads;
+      for (int64_t h = 0; h < heads; ++h) dst[h] = src[h * nq_pad];
+    }
   });
 }
 
