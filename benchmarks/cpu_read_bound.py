@@ -12,7 +12,8 @@ ones per block and head). In the same rounds it times the fused CPU forward (``n
 ``backend="cpu"``, (1,3,3)) on the same grid in both layouts (heads-contiguous: views of
 ``(B, heads, T, H, W, D)`` tensors, as ``cpu_gemm_rate.py --heads-contiguous``). Prints, per row, the
 median over rounds of each run's minimum (ms). Needs an AVX-512 CPU (the stand-in is AVX-512 code).
-See docs/gemm-rate.md, session 9, for what it showed on this project's machine.
+See benchmarks/results/cpu-amd-epyc-2t/gemm-rate.md, session 9, for what it showed on this project's
+machine.
 """
 
 from __future__ import annotations

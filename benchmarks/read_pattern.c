@@ -1,6 +1,7 @@
 // The memory side of the fused CPU forward for small windows, without its arithmetic: how fast can a core
 // stream a head's rows the way lane_fwd_kernel does, and how much of a stand-in for the in-core work hides
-// behind it? Driven by benchmarks/cpu_read_bound.py (which compiles it); see docs/gemm-rate.md, session 9.
+// behind it? Driven by benchmarks/cpu_read_bound.py (which compiles it); see
+// benchmarks/results/cpu-amd-epyc-2t/gemm-rate.md, session 9.
 //
 //   read_pattern NTOK HEADS D REACH LAYOUT FMAS REPS PREFETCH
 //
