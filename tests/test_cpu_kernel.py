@@ -592,6 +592,44 @@ def test_probs_pair_through_autograd_retain_graph():
         assert rel_err(a, b) < TOLERANCE[torch.float64]
 
 
+SWEEP_CASES = [
+    Case("sweep-133", (3, 11, 13), kernel_size=(1, 3, 3), heads=1, heads_kv=1, D=64, B=1),
+    Case("sweep-133-raster-gqa", (2, 9, 17), kernel_size=(1, 3, 3), causal=True, heads=2, heads_kv=1, D=64, B=1),
+    Case("sweep-133-kv-frames", (2, 9, 11), (5, 9, 11), kernel_size=(1, 3, 3), heads=1, heads_kv=1, D=64, B=1),
+    Case("sweep-333-fewer-kv-frames", (5, 6, 7), (2, 6, 7), causal=(True, False, False), heads=1, heads_kv=1, D=64,
+         B=1),
+    Case("sweep-335-batch", (4, 6, 9), kernel_size=(3, 3, 5), heads=1, heads_kv=1, D=64, B=2),
+]
+
+
+@pytest.mark.parametrize("case", SWEEP_CASES, ids=lambda c: c.id)
+def test_probs_sweep_across_chunks(case):
+    """na3d_bwd_probs sweeps each (batch, kv head) in chunks, one per task; a chunk's keys read the dS of
+    queries in the neighbouring chunks, which its task recomputes. With 1 to 5 threads (1 to 10 chunks per
+    head, their edges at other blocks) the gradients are bitwise the same, and those of the recomputing
+    backward (na3d_bwd), with key grids of more or fewer frames than the query's too."""
+    q, k, v, *rest = _op_args(case, torch.float64)
+    out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
+    assert probs.numel() > 0
+    g = torch.Generator().manual_seed(5)
+    go = torch.randn(out.shape, dtype=out.dtype, generator=g)
+    glse = torch.randn(lse.shape, dtype=lse.dtype, generator=g)
+    want = torch.ops.nuwa_kernels.na3d_bwd(go, q, k, v, lse, (go * out).sum(-1) - glse, *rest)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            results.append(torch.ops.nuwa_kernels.na3d_bwd_probs(go, q, k, v, lse, glse, probs, *rest))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.equal(a, b)
+    for a, b in zip(results[0], want):
+        assert rel_err(a, b) < TOLERANCE[torch.float64]
+
+
 @pytest.mark.parametrize("kernel_size", [3, (1, 3, 3)], ids=["333", "133"])
 @pytest.mark.parametrize("layout", ["contiguous", "head-major-kv"])
 def test_lane_kernels_large_output(layout, kernel_size):

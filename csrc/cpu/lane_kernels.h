@@ -34,10 +34,10 @@
 // raster causality kept as flat(query) >= flat(key)): rings of Q^T, dO^T, lse and delta over query
 // columns per head of the group, S^T = (scale K)^T-block . Q^T ring, dP^T = V^T-block . dO^T ring, then
 // dV^T += sum_e P[e] dO^T[...], dK^T += scale sum_e dS[e] Q^T[...], summed over the group's heads. With
-// pair stores (small windows) one pass hands dS to the other: the key pass first (it recomputes S and
-// dP), or, when the forward kept P (na3d_bwd_probs), the query pass first (dP, delta = sum_e P dP - dLSE,
-// dS, dQ), the key pass then reading P and dS for dV and dK only. Every
-// output element is summed by one task in entry (shift) order, masked lanes adding exact zeros: no
+// pair stores (small windows) the key pass, first, hands dS to the query pass (which then recomputes
+// neither S nor dP). When the forward kept P (na3d_bwd_probs) the backward is one sweep instead
+// (lane_bwd_probs.h: a query step forms dP, delta, dS and dQ, a key step a few blocks behind reads P and
+// that dS for dV and dK only). Every output element is summed by one task in entry (shift) order, masked lanes adding exact zeros: no
 // atomics, and results that do not depend on the chunking into tasks nor on the thread count.
 //
 // Limits: masked lanes multiply zero probabilities by in-grid keys/values outside the window, so an
@@ -626,9 +626,9 @@ inline void lane_pv(A* __restrict Ot, const A* __restrict c, const A* __restrict
 
 // A value for every (query, key) pair of the call: dS, written by the backward's key pass and read by its
 // query pass, which then skips its recomputation of S and dP (two of its three products, the transposes
-// of Q and dO and the K^T / V^T rings); and P, written by the forward (na3d_fwd_probs) and read by the key
-// pass, which then skips S (a product, the Q^T and lse rings, the exponentials). For small windows the
-// backward's products go from 9 to 4. Layout per (batch, head): one row per relative offset (dt, dh, dw)
+// of Q and dO and the K^T / V^T rings); and P, written by the forward (na3d_fwd_probs) and read by the
+// backward's sweep (lane_bwd_probs.h), which then computes no scores at all (its dS lives in a ring of
+// its own, in this layout's rows). For small windows the backward's products go from 9 to 4. Layout per (batch, head): one row per relative offset (dt, dh, dw)
 // of the key side's box (key -> query), over the queries (flat query index + kPad, so that the masked
 // lanes of border key blocks stay inside the row): a query block's entry is one aligned vector (the
 // forward's P and the query pass's dS go out as whole cache lines), a key block's entry (the opposite
@@ -990,7 +990,7 @@ inline bool block_rows_in_grid(const LaneGeom& g, int64_t q0, int nv, const int6
 // the grid), row stride in *rs, or else from `ring`, advanced to the block (and started afresh when the
 // blocks in place left it behind), *rs = 0. The rows' columns (flat indices in place, ring slots
 // otherwise) go to cols. Used by the forward (K for S, V for P V), the query pass (V for dP, K for dQ)
-// and the key pass with P and dS read (dO for dV, Q for dK). In place, each of the 54 rows a (1,3,3)
+// and the sweep of lane_bwd_probs.h (its query step's V and K, its key step's dO and Q). In place, each of the 54 rows a (1,3,3)
 // block reads is loaded once per group of four queries, from L2 at worst, which costs less than copying
 // the block's 16 new rows into the ring; with 27 entries ((3,3,3): 162 rows 2 KiB apart) the forward was
 // 9% slower, hence the bound. NÜWA 10x21x21, 8 heads, (1,3,3), alternating runs, medians of the minimum
@@ -1406,13 +1406,9 @@ constexpr int64_t kDsAhead = 2;
 template <typename S, bool kUnit>
 void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                         const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
-                        S* dq, const acc_t<S>* ds_in = nullptr, const DsStore* ds = nullptr,
-                        const acc_t<S>* p_in = nullptr, acc_t<S>* ds_out = nullptr) {
-  // ds_in: the key pass's dS (DsStore ds), read instead of recomputed. p_in: the forward's P (same
-  // layout), read instead of recomputing S; the pass then forms delta = sum_e P dP itself (minus dLSE:
-  // `delta` is then the gradient of lse, or null), before dS = P (dP - delta), and stores every pair's dS
-  // into ds_out for the key pass that follows (lane_bwd_dkv_kernel with ds_in): no rowsum(dO * O) pass
-  // over the output, and no scores recomputed anywhere in the backward.
+                        S* dq, const acc_t<S>* ds_in = nullptr, const DsStore* ds = nullptr) {
+  // ds_in: the key pass's dS (DsStore ds), read instead of recomputed. (With the forward's P the backward
+  // is lane_bwd_probs_kernel, lane_bwd_probs.h.)
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
@@ -1431,17 +1427,14 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t tring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dv) : (D + Dv) * ring;
   const int64_t scratch = tring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L + part;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
-  const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in || p_in ? ds : nullptr);
+  const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in ? ds : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& dsr = tables->rows;
   // Small windows: dQ's key rows and dP's value rows in place inside the grid (block_product_rows).
   const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, D);
   const bool v_direct = kRows && direct_rows_ok<S, kUnit, A>(pr, g, vs, Dv);
   const bool stream_dq = stream_rows<S, A>(dq, double(pr.B) * heads * g.Nq, D);
-  // The dS store's lines too when dQ goes past the caches (the key pass reads them after every head's
-  // query pass), as the forward's P.
-  const bool stream_ds = ds_out && stream_dq && reinterpret_cast<uintptr_t>(ds_out) % 64 == 0;
-  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : p_in ? D + Dv : 2 * D + Dv);
+  const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
@@ -1477,16 +1470,12 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     [[maybe_unused]] A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, D);
     std::vector<int64_t> vcol(kRows ? g.box_max : 0);  // dP's value rows' columns (row_scores)
     int64_t q0 = qa;
-    // The pair stores' lines of block q0 + kDsAhead * L (one stream per row), at hb (base + q0).
-    const auto prefetch_stores = [&](int64_t hb, const A* s0, const A* s1) {
+    // The dS store's lines of block q0 + kDsAhead * L (one stream per row), at hb (base + q0).
+    const auto prefetch_store = [&](int64_t hb) {
       if (q0 + kDsAhead * L >= qb) return;
       const int64_t bi = q0 / L + kDsAhead;
       const int32_t* ra = dsr.data() + bi * et.stride;
-      for (int64_t e = 0; e < et.count[bi]; ++e) {
-        const int64_t off = hb + kDsAhead * L + ra[e] * ds->ld;
-        prefetch_l2(s0 + off);
-        if (s1) prefetch_l2(s1 + off);
-      }
+      for (int64_t e = 0; e < et.count[bi]; ++e) prefetch_l2(ds_in + hb + kDsAhead * L + ra[e] * ds->ld);
     };
     for (; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
@@ -1500,7 +1489,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
         if (kRows) {
           vrows = block_product_rows(v_direct, v_direct && in_grid, vrow, vh, g, q0, shift, n, vcol.data(), &vrs);
         } else {
-          if (!p_in) kr.advance(q0 + L + g.smax, tmp);
+          kr.advance(q0 + L + g.smax, tmp);
           vr.advance(q0 + L + g.smax, tmp);
         }
       }
@@ -1511,7 +1500,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
         const int64_t hb = ds ? ds->base(b, head, heads) + q0 : 0;  // the pair stores' rows of the block
         const int32_t* rr = dsr.empty() ? nullptr : dsr.data() + (q0 / L) * et.stride;
         if (ds_in) {  // dS from the key pass; masked lanes read other pairs' (or unwritten) slots: zeroed
-          prefetch_stores(hb, ds_in, nullptr);
+          prefetch_store(hb);
           for (int64_t e = 0; e < n; ++e) {
             const Vec<A> x = vld(ds_in + hb + rr[e] * ds->ld);
             vst(Pb + e * L, lane_mask<A>(mask[e]) ? x : Vec<A>{});
@@ -1524,60 +1513,31 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
             const int64_t pb = more ? q0 + nv : std::min(qb, q0 + 2 * L);
             if (pa < pb) {
-              if (!p_in) prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
+              prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
               prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g.H, g.W);
             }
           }
-          if (p_in) {  // dP, then P from the forward and delta = sum_e P dP - dLSE, dS into Pb and ds_out
-            prefetch_stores(hb, p_in, ds_out);
-            if constexpr (kRows) {
+          if constexpr (kRows) {
 #if defined(__AVX512F__)
-              int64_t grs;
-              const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
-              row_scores(Pb, grows, grs, vrows, vcol.data(), n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
+            int64_t qrs, grs;
+            const A* qrows = block_rows_at<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, &qrs);
+            const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
+            row_scores(Sb, qrows, qrs, krows, col, n, D, scale, reinterpret_cast<__m512*>(pbuf), krs);
+            row_scores(Pb, grows, grs, vrows, vcol.data(), n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
 #endif
-            } else {
-              transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
-              lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
-            }
-            Vec<A> dl = {};  // one chain in entry order, as the forward's sums
-            for (int64_t e = 0; e < n; ++e) {
-              const Vec<A> p = lane_mask<A>(mask[e]) ? vld(p_in + hb + rr[e] * ds->ld) : Vec<A>{};
-              vst(Sb + e * L, p);
-              dl += p * vld(Pb + e * L);
-            }
-            if (delta) {
-              gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
-              dl -= vld(del_v);
-            }
-            for (int64_t e = 0; e < n; ++e) {
-              const Vec<A> x = vld(Sb + e * L) * (vld(Pb + e * L) - dl);
-              vst(Pb + e * L, x);
-              vst_to(stream_ds, ds_out + hb + rr[e] * ds->ld, x);  // the block's own elements: one aligned line
-            }
           } else {
-            if constexpr (kRows) {
-#if defined(__AVX512F__)
-              int64_t qrs, grs;
-              const A* qrows = block_rows_at<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, &qrs);
-              const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
-              row_scores(Sb, qrows, qrs, krows, col, n, D, scale, reinterpret_cast<__m512*>(pbuf), krs);
-              row_scores(Pb, grows, grs, vrows, vcol.data(), n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
-#endif
-            } else {
-              transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
-              transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
-              lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
-              lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
-            }
-            gather_lane_stats(lse_v, head_rows(lse, ls, b, head, 1), q0, nv, g.H, g.W);
-            gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
-            const Vec<A> lv = vld(lse_v), dv = vld(del_v);
-            for (int64_t e = 0; e < n; ++e) {
-              const Vec<A> p0 = exp_vec(vld(Sb + e * L) - lv);
-              const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
-              vst(Pb + e * L, p * (vld(Pb + e * L) - dv));
-            }
+            transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
+            transposed_block<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, A(1), tmp);
+            lane_scores(Sb, Qt, kr.buf, kr.ld, col, n, D);
+            lane_scores(Pb, Gt, vr.buf, vr.ld, col, n, Dv);
+          }
+          gather_lane_stats(lse_v, head_rows(lse, ls, b, head, 1), q0, nv, g.H, g.W);
+          gather_lane_stats(del_v, head_rows(delta, dls, b, head, 1), q0, nv, g.H, g.W);
+          const Vec<A> lv = vld(lse_v), dv = vld(del_v);
+          for (int64_t e = 0; e < n; ++e) {
+            const Vec<A> p0 = exp_vec(vld(Sb + e * L) - lv);
+            const Vec<A> p = lane_mask<A>(mask[e]) ? p0 : Vec<A>{};
+            vst(Pb + e * L, p * (vld(Pb + e * L) - dv));
           }
         }
         // dQ = scale dS K, in the natural layout: key rows in place or from the ring, straight into dQ's rows.
@@ -1594,12 +1554,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
 template <typename S, bool kUnit>
 void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strides qs, const S* k, Strides ks,
                          const S* v, Strides vs, const acc_t<S>* lse, Strides ls, const acc_t<S>* delta, Strides dls,
-                         S* dk, S* dv, acc_t<S>* ds_out = nullptr, const DsStore* ds = nullptr,
-                         const acc_t<S>* p_in = nullptr, const acc_t<S>* ds_in = nullptr) {
-  // ds_out: where to store every pair's dS (DsStore ds) for the query pass; p_in: the forward's P (same
-  // layout), read instead of recomputing S; ds_in (with p_in): dS from the query pass that ran first
-  // (lane_bwd_dq_kernel with p_in), read instead of recomputing dP: no score product at all, only
-  // dV = P^T dO and dK = scale dS^T Q.
+                         S* dk, S* dv, acc_t<S>* ds_out = nullptr, const DsStore* ds = nullptr) {
+  // ds_out: where to store every pair's dS (DsStore ds) for the query pass. (With the forward's P the
+  // backward is lane_bwd_probs_kernel, lane_bwd_probs.h.)
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr, /*key_side=*/true);  // Nq: keys (the blocks), Nk: queries (the rings)
@@ -1620,21 +1577,17 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
                                    RowRing<S, kUnit, A>::elems(g, L, Dv)) +
                           (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0) + part;
   const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
-  const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out || p_in || ds_in ? ds : nullptr);
+  const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out ? ds : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& dsr = tables->rows;
   const bool stream_dkv = stream_rows<S, A>(dk, double(pr.B) * heads_kv * g.Nq, D) &&
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * g.Nq, Dv);
-  const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * (ds_in ? 1 : 2) * (D + Dv);
+  const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
-  // With P and dS read (only the row products left), small windows: Q's and dO's rows in place.
-  const bool qg_direct = p_in && ds_in && direct_rows_ok<S, kUnit, A>(pr, g, qs, D) &&
-                         direct_rows_ok<S, kUnit, A>(pr, g, gs, Dv);
   parallel_tasks<A>(ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);
-    std::vector<int64_t> qgcol(qg_direct ? g.box_max : 0);  // the columns of Q's and dO's rows (the same)
     A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled (row_scores: [L][D] rows)
     A* Vt = Kt + D * L;      // [Dv][L] values, transposed (row_scores: [L][Dv] rows)
     A* Sb = Vt + Dv * L;     // [entries][L] scores, then P
@@ -1685,93 +1638,63 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       const uint32_t* mask;
       const int64_t n = et.get<L, true>(pr, g, k0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       qrow[0].slots(k0, shift, n, col);
-      const bool qg_in_grid = qg_direct && block_rows_in_grid(g, k0, nv, shift, n);
-      if (k0 + L < kb && !ds_in) {  // the next block's key and value rows
-        if (!p_in) prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
+      if (k0 + L < kb) {  // the next block's key and value rows
+        prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
         prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
       }
       const A* krows = Kt;  // the block's key and value rows (row_scores: in place or packed)
       const A* vrows = Vt;
       int64_t krs = D, vrs = Dv;
       if constexpr (kRows) {
-        if (!p_in) krows = block_rows_at<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, &krs);
-        if (!ds_in) vrows = block_rows_at<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, &vrs);
+        krows = block_rows_at<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, &krs);
+        vrows = block_rows_at<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, &vrs);
       } else {
-        if (!p_in) transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
-        if (!ds_in) transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
+        transposed_block<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, scale, tmp);
+        transposed_block<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, A(1), tmp);
       }
       const int64_t row0 = (b * g.Nq + k0) * heads_kv + gh;
       const int32_t* rr = dsr.empty() ? nullptr : dsr.data() + (k0 / L) * et.stride;
       for (int64_t j = 0; j < group; ++j) {
-        if (!p_in) {
-          if (!kRows) qr[j].advance(k0 + L + g.smax, tmp);
-          lr[j].advance(k0 + L + g.smax, tmp);
+        if (!kRows) {
+          qr[j].advance(k0 + L + g.smax, tmp);
+          gr[j].advance(k0 + L + g.smax, tmp);
         }
-        if (!kRows && !ds_in) gr[j].advance(k0 + L + g.smax, tmp);
-        if (!ds_in) dr[j].advance(k0 + L + g.smax, tmp);
-        const A* qrows = qrow[j].buf;  // the rows of Q and dO, stride qrs, grs (0: the ring's), columns qc
-        const A* grows = grow[j].buf;
-        int64_t qrs = 0, grs = 0;
-        const int64_t* qc = col;
-        if (qg_direct) {  // both rings start and advance together: one set of columns serves both
-          qrows = block_product_rows(true, qg_in_grid, qrow[j], qrow[j].hr, g, k0, shift, n, qgcol.data(), &qrs);
-          grows = block_product_rows(true, qg_in_grid, grow[j], grow[j].hr, g, k0, shift, n, qgcol.data(), &grs);
-          qc = qgcol.data();
-        } else {
-          qrow[j].advance(k0 + L + g.smax);
-          grow[j].advance(k0 + L + g.smax);
-        }
+        lr[j].advance(k0 + L + g.smax, tmp);
+        dr[j].advance(k0 + L + g.smax, tmp);
+        qrow[j].advance(k0 + L + g.smax);  // the rows of Q and dO (same slots: columns col)
+        grow[j].advance(k0 + L + g.smax);
 #if defined(__AVX512F__)
         __m512* const part_v = reinterpret_cast<__m512*>(pbuf);
 #endif
-        if (!ds_in) {  // dP^T into Pb
-          if constexpr (kRows) {
+        // dP^T into Pb
+        if constexpr (kRows) {
 #if defined(__AVX512F__)
-            row_scores(Pb, vrows, vrs, grow[j].buf, col, n, Dv, A(1), part_v);
+          row_scores(Pb, vrows, vrs, grow[j].buf, col, n, Dv, A(1), part_v);
 #endif
-          } else {
-            lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
-          }
+        } else {
+          lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
         }
-        // P into Sb (0 on masked lanes): from the forward (masked lanes read elements of no pair), or
-        // recomputed from S; then dS into Pb: read from the query pass, or P (dP - delta).
-        if ((p_in || ds_out || ds_in) && k0 + kDsAhead * L < kb) {  // the stores' rows kDsAhead blocks ahead (one
-          const int64_t bi = k0 / L + kDsAhead;               // stream per row, as the query pass's dS)
+        if (ds_out && k0 + kDsAhead * L < kb) {  // the store's rows kDsAhead blocks ahead (one stream per
+          const int64_t bi = k0 / L + kDsAhead;  // row, as the query pass's)
           const int32_t* ra = dsr.data() + bi * et.stride;
           const int64_t* sa = et.shift.data() + bi * et.stride;
           const int64_t off = ds->base(b, gh * group + j, pr.heads) + k0 + kDsAhead * L + L - 1;
-          for (int64_t e = 0; e < et.count[bi]; ++e) {
-            const int64_t o = off + ra[e] * ds->ld + sa[e];
-            if (p_in) prefetch_l2(p_in + o);
-            if (ds_out) prefetch_l2(ds_out + o);
-            if (ds_in) prefetch_l2(ds_in + o);
-          }
+          for (int64_t e = 0; e < et.count[bi]; ++e) prefetch_l2(ds_out + off + ra[e] * ds->ld + sa[e]);
         }
-        if (p_in) {
-          const A* pb = p_in + ds->base(b, gh * group + j, pr.heads) + k0;
-          for (int64_t e = 0; e < n; ++e)
-            vst(Sb + e * L, lane_mask<A>(mask[e]) ? vld(pb + rr[e] * ds->ld + shift[e]) : Vec<A>{});
-        } else {
-          if constexpr (kRows) {
+        // P into Sb (0 on masked lanes), recomputed from S; then dS = P (dP - delta) into Pb.
+        if constexpr (kRows) {
 #if defined(__AVX512F__)
-            row_scores(Sb, krows, krs, qrow[j].buf, col, n, D, scale, part_v);
+          row_scores(Sb, krows, krs, qrow[j].buf, col, n, D, scale, part_v);
 #endif
-          } else {
-            lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
-          }
-          for (int64_t e = 0; e < n; ++e) {
-            const Vec<A> p = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
-            vst(Sb + e * L, lane_mask<A>(mask[e]) ? p : Vec<A>{});
-          }
-        }
-        if (ds_in) {  // dS from the query pass (masked lanes read elements of no pair)
-          const A* db = ds_in + ds->base(b, gh * group + j, pr.heads) + k0;
-          for (int64_t e = 0; e < n; ++e)
-            vst(Pb + e * L, lane_mask<A>(mask[e]) ? vld(db + rr[e] * ds->ld + shift[e]) : Vec<A>{});
         } else {
-          for (int64_t e = 0; e < n; ++e)
-            vst(Pb + e * L, vld(Sb + e * L) * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
+          lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
         }
+        for (int64_t e = 0; e < n; ++e) {
+          const Vec<A> p = exp_vec(vld(Sb + e * L) - vld(lr[j].buf + col[e]));
+          vst(Sb + e * L, lane_mask<A>(mask[e]) ? p : Vec<A>{});
+        }
+        for (int64_t e = 0; e < n; ++e)
+          vst(Pb + e * L, vld(Sb + e * L) * (vld(Pb + e * L) - vld(dr[j].buf + col[e])));
         if (ds_out) {
           A* dsb = ds_out + ds->base(b, gh * group + j, pr.heads) + k0;
           for (int64_t e = 0; e < n; ++e) vst(dsb + rr[e] * ds->ld + shift[e], vld(Pb + e * L));
@@ -1781,11 +1704,11 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;
         if (j + 1 == group) {
-          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grows, Dv, qc, mask, n, nv, init_v, Dv, grs);
-          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrows, D, qc, mask, n, nv, init_k, D, qrs);
+          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
+          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
         } else {
-          lane_pv_rows(dVs, Dv, one, Sb, grows, Dv, qc, mask, n, nv, init_v, Dv, grs);
-          lane_pv_rows(dKs, D, one, Pb, qrows, D, qc, mask, n, nv, init_k, D, qrs);
+          lane_pv_rows(dVs, Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
+          lane_pv_rows(dKs, D, one, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
         }
       }
     }

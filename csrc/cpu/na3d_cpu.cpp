@@ -985,6 +985,7 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
 }
 
 #include "lane_kernels.h"
+#include "lane_bwd_probs.h"
 
 // Largest pair store (lane_kernels.h's DsStore: the backward's dS, the forward's saved probabilities).
 // NATTEN's shifted borders widen the key side's box: (3,3,3) 2x the query's elements, (7,7,7) 34x.
@@ -1029,6 +1030,14 @@ int64_t lane_pair_store_elems(const Problem& pr, int64_t per_query) {
   const int64_t n = DsStore::elems<L>(pr, gq, gk);
   const int64_t q_elems = pr.B * gq.Nq * pr.heads * pr.D;
   return n * int64_t(sizeof(A)) <= kDsStoreBytes && n <= per_query * q_elems ? n : 0;
+}
+
+// The elements of na3d_fwd_probs's probabilities (the pair store of lane_pair_store_elems) when the
+// backward's sweep over them (lane_bwd_probs.h) fits its scratch bound; 0 otherwise: no probabilities kept.
+template <typename A>
+int64_t lane_probs_elems(const Problem& pr, int64_t per_query) {
+  const int64_t n = lane_pair_store_elems<A>(pr, per_query);
+  return n > 0 && probs_sweep_fits<A>(pr, lane_geom(pr), lane_geom(pr, /*key_side=*/true)) ? n : 0;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1083,7 +1092,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_impl(const at::Tensor& q
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
     const bool lanes = lanes_enabled() && lane_ok<A>(pr);
-    const int64_t np = want_probs ? lane_pair_store_elems<A>(pr, probs_per_query()) : 0;
+    const int64_t np = want_probs ? lane_probs_elems<A>(pr, probs_per_query()) : 0;
     DsStore ps;
     if (np > 0) {
       constexpr int L = kLanes<A>;
@@ -1167,8 +1176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
   const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride, slab, scale);
   const bool unit = unit_last(query) && unit_last(key) && unit_last(value) && unit_last(go);
   if (with_probs) {  // the layout of the dS store (probs_per_query() <= kDsPerQuery), whose size it has
-    const int64_t want = dtype == at::kDouble ? lane_pair_store_elems<double>(pr, kDsPerQuery)
-                                              : lane_pair_store_elems<float>(pr, kDsPerQuery);
+    const int64_t want = dtype == at::kDouble ? lane_probs_elems<double>(pr, kDsPerQuery)
+                                              : lane_probs_elems<float>(pr, kDsPerQuery);
     TORCH_CHECK(want > 0 && probs.numel() == want && probs.scalar_type() == acc && probs.is_contiguous() &&
                     probs.device().is_cpu(),
                 "na3d_bwd_probs: probs must be na3d_fwd_probs's third output for these arguments (non-empty: "
@@ -1195,20 +1204,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
         if (ds_elems > 0) {
           DsStore st;
           st.init<L>(lane_geom(pr), lane_geom(pr, /*key_side=*/true));
+          if (with_probs) {  // one sweep: dS in each task's ring (lane_bwd_probs.h)
+            lane_bwd_probs_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, dlp, dls,
+                                                   dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                                                   dv.data_ptr<scalar_t>(), st, probs.const_data_ptr<A>());
+            return;
+          }
           A* buf = static_cast<A*>(pool_alloc(ds_elems * sizeof(A)));
           struct Free {
             A* p;
             ~Free() { pool_free(p); }
           } free_buf{buf};
-          if (with_probs) {  // the query pass first (dP, delta, dS into buf), then the key pass reads dS
-            const A* p_in = probs.const_data_ptr<A>();
-            lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
-                                                dq.data_ptr<scalar_t>(), nullptr, &st, p_in, buf);
-            lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, lp, ls,
-                                                 dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), nullptr, &st,
-                                                 p_in, buf);
-            return;
-          }
           lane_bwd_dkv_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
                                                dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), buf, &st);
           lane_bwd_dq_kernel<scalar_t, kUnit>(pr, gp, gs, qp, qs, kp, ks, vp, vs, lp, ls, dlp, dls,
@@ -1260,8 +1266,8 @@ int64_t na3d_probs_numel(at::IntArrayRef query_shape, at::IntArrayRef key_shape,
   if (query.numel() == 0 || key.numel() == 0 || value.numel() == 0) return 0;
   const Problem pr = make_problem(query, key, value, kernel_size, causal_axes, raster_causal, shift_border, stride,
                                   slab, 1.0);
-  return dtype == at::kDouble ? lane_pair_store_elems<double>(pr, probs_per_query())
-                              : lane_pair_store_elems<float>(pr, probs_per_query());
+  return dtype == at::kDouble ? lane_probs_elems<double>(pr, probs_per_query())
+                              : lane_probs_elems<float>(pr, probs_per_query());
 }
 
 }  // namespace cpu
