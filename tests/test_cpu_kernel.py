@@ -557,7 +557,9 @@ def test_probs_pair_sizes_and_errors():
 
 def test_probs_bound_from_the_environment():
     """NUWA_CPU_PROBS=0: the forward keeps no probabilities and autograd's backward recomputes them (the
-    same gradients); NUWA_CPU_PROBS=1 keeps those of (3,3,3) (0.43x the query) but not of (7,7,7) (5.7x)."""
+    same gradients); NUWA_CPU_PROBS=1 keeps those of (3,3,3) (0.43x the query) but not of (7,7,7) (5.7x);
+    NUWA_CPU_PROBS=8 keeps (7,7,7)'s too, except where the backward's sweep over them would need more
+    scratch than its bound (NÜWA's 10x21x21 grid: 6.5 MiB per thread)."""
     code = """
 import torch, nuwa_kernels as nk
 from nuwa_kernels import _ops
@@ -565,8 +567,12 @@ q = torch.randn(1, 7, 9, 11, 2, 64, dtype=torch.float64)
 for ks in (3, 7):
     args = _ops.spec_op_args(nk.window.make_window_spec(q.shape[1:4], q.shape[1:4], ks)) + (0.125,)
     print(torch.ops.nuwa_kernels.na3d_fwd_probs(q, q, q, *args)[2].numel() > 0)
+shape = [1, 10, 21, 21, 8, 64]
+args = _ops.spec_op_args(nk.window.make_window_spec(shape[1:4], shape[1:4], 7))
+print(torch.ops.nuwa_kernels.na3d_probs_numel(shape, shape, shape, torch.float32, *args) > 0)
 """
-    for bound, want in (("0", ["False", "False"]), ("1", ["True", "False"]), ("8", ["True", "True"])):
+    for bound, want in (("0", ["False", "False", "False"]), ("1", ["True", "False", "False"]),
+                        ("8", ["True", "True", "False"])):
         res = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, NUWA_CPU_PROBS=bound),
                              capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
