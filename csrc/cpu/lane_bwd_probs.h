@@ -99,10 +99,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
   const int64_t box_max = std::max(gq.box_max, gk.box_max);
   const int64_t sbuf = box_max * L;
   const int64_t X = std::max(D, Dv);
-  const auto axes = [](const LaneGeom& g) {
-    return (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
-  };
-  const int64_t box_axes = std::max(axes(gq), axes(gk));
+  const int64_t box_axes = std::max(gq.box_axes(), gk.box_axes());
   const std::shared_ptr<const LaneTables> tq = lane_tables<L, false>(pr, gq, &ds);
   const std::shared_ptr<const LaneTables> tk = lane_tables<L, true>(pr, gk, &ds);
   const EntryTable &etq = tq->et, &etk = tk->et;
@@ -112,7 +109,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * Nk, Dv);
   const double work = double(pr.B) * heads * Nq * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
-  parallel_tasks<A>(ntask, work, sw.scratch, 6 * box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(ntask, work, sw.scratch, 7 * box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t qa = std::min(Nq, c * chunk_q), qb = std::min(Nq, qa + chunk_q);  // dQ's blocks
@@ -156,6 +153,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
     uint32_t* mt = reinterpret_cast<uint32_t*>(mask_buf + 2 * box_max);  // box_axes per-axis masks
     int64_t* vcol = shift_buf + 4 * box_max + box_axes;  // dP's value rows (row_scores)
     int64_t* qcol = vcol + box_max;                      // the key step's Q and dO rows (the same)
+    int64_t* dcol = qcol + box_max;                      // the key step's dS ring slots
     const auto entries = [&](const auto& et, const LaneGeom& g, auto key_side, int64_t x0, int nv,
                              const int64_t** shift, const uint32_t** mask) {
       uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
@@ -179,7 +177,6 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
       grow[j].init(gbuf + j * sw.g_ring, gk, L, first_k,
                    head_rows(go, gs, b, gh * group + j, Dv));
     }
-    const auto slot = [&](int64_t x) { return ((x % RL) + RL) % RL; };
 
     // Query block q0 (slo <= q0 < shi): dS into the rings; dQ when qa <= q0 < qb.
     const auto query_step = [&](int64_t q0) {
@@ -200,7 +197,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
       if (own || !kRows)  // dQ's key rows; without row_scores their ring's slots are V^T's columns too
         krows = block_product_rows(k_direct, k_direct && in_grid, krow, kh, gq, q0, shift, n, col, &krs);
       const int32_t* rr = rq.data() + (q0 / L) * etq.stride;
-      const int64_t s0 = slot(q0);
+      const int64_t s0 = q0 % RL;  // the block's slot in the dS rings
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         const int64_t hb = ds.base(b, head, heads) + q0;  // the forward's P of the block
         const HeadRows<S> gr = head_rows(go, gs, b, head, Dv);
@@ -257,6 +254,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
       const bool in_grid = qg_direct && block_rows_in_grid(gk, k0, nv, shift, n);
       const int64_t row0 = (b * Nk + k0) * heads_kv + gh;
       const int32_t* rr = rk.data() + (k0 / L) * etk.stride;
+      ring_slots(RL, 0, k0, shift, n, dcol);  // queries k0 + shift[e] in the dS rings (|shift| < RL)
       for (int64_t j = 0; j < group; ++j) {
         int64_t qrs, grs;  // Q's and dO's rows: both rings start and advance together (one set of columns)
         const A* qrows = block_product_rows(qg_direct, in_grid, qrow[j], qrow[j].hr, gk, k0, shift, n, qcol, &qrs);
@@ -266,7 +264,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
         for (int64_t e = 0; e < n; ++e) {  // masked lanes read elements of no pair: zeroed
           const auto on = lane_mask<A>(mask[e]);
           vst(Sb + e * L, on ? vld(pb + rr[e] * ds.ld + shift[e]) : Vec<A>{});
-          vst(Pb + e * L, on ? vld(ring + rr[e] * ldr + slot(k0 + shift[e])) : Vec<A>{});
+          vst(Pb + e * L, on ? vld(ring + rr[e] * ldr + dcol[e]) : Vec<A>{});
         }
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;

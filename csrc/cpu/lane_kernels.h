@@ -223,6 +223,8 @@ struct LaneGeom {
   int64_t rlo[3] = {0, 0, 0}, rhi[3] = {0, 0, 0};  // extremes of rel lo / rel hi over non-empty windows
   int64_t box_max = 1;                               // bound on the entries of one block
   int64_t smin = 0, smax = 0;                        // extreme flat shifts
+  // The per-axis extents of the box summed (lane_entries' per-axis mask scratch).
+  int64_t box_axes() const { return (rhi[0] - rlo[0] + 1) + (rhi[1] - rlo[1] + 1) + (rhi[2] - rlo[2] + 1); }
 };
 
 // key_side: the blocks are keys (Nq: keys, Nk: queries) and the tables the inverse windows.
@@ -343,7 +345,7 @@ struct EntryTable {
     shift.resize(nb * stride);
     mask.resize(nb * stride);
     count.resize(nb);
-    const int64_t axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+    const int64_t axes = g.box_axes();
     std::vector<uint32_t> m(axes);
     uint32_t* mt = m.data();
     uint32_t* mh = mt + (g.rhi[0] - g.rlo[0] + 1);
@@ -1239,7 +1241,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   // backward reads them); one aligned line per row and block. NÜWA (1,3,3), two threads, alternating
   // runs: na3d_fwd_probs 1.24 -> 1.20 ms, with na3d_bwd_probs after it 4.27-4.51 -> 4.06-4.10.
   const bool stream_probs = probs && stream_out && reinterpret_cast<uintptr_t>(probs) % 64 == 0;
-  const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  const int64_t box_axes = g.box_axes();
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
   // lse by (batch, head) rows of nq_pad queries first, one aligned vector per block and head, and into its
@@ -1426,7 +1428,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;
   const int64_t tring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dv) : (D + Dv) * ring;
   const int64_t scratch = tring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L + part;
-  const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  const int64_t box_axes = g.box_axes();
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in ? ds : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& dsr = tables->rows;
@@ -1576,7 +1578,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const int64_t scratch = group * (((kRows ? 0 : D + Dv) + 2) * ring + RowRing<S, kUnit, A>::elems(g, L, D) +
                                    RowRing<S, kUnit, A>::elems(g, L, Dv)) +
                           (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0) + part;
-  const int64_t box_axes = (g.rhi[0] - g.rlo[0] + 1) + (g.rhi[1] - g.rlo[1] + 1) + (g.rhi[2] - g.rlo[2] + 1);
+  const int64_t box_axes = g.box_axes();
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out ? ds : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& dsr = tables->rows;

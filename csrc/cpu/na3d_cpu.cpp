@@ -1021,23 +1021,24 @@ inline int64_t probs_per_query() {
 // The elements of a pair store of this problem in the lane kernels (accumulation type A) when the lanes
 // run it, its offsets decompose, both entry tables are built, and it holds at most per_query times the
 // query's elements and kDsStoreBytes; 0 otherwise. Shapes only: the same answer for every call.
+// With `sweep`, also 0 when the backward's sweep over the store (lane_bwd_probs.h) would pass its scratch
+// bound.
 template <typename A>
-int64_t lane_pair_store_elems(const Problem& pr, int64_t per_query) {
+int64_t lane_pair_store_elems(const Problem& pr, int64_t per_query, bool sweep = false) {
   constexpr int L = kLanes<A>;
   if (!lanes_enabled() || !lane_ok<A>(pr)) return 0;
   const LaneGeom gq = lane_geom(pr), gk = lane_geom(pr, /*key_side=*/true);
   if (!EntryTable::fits<L>(gq) || !EntryTable::fits<L>(gk)) return 0;
+  if (sweep && !probs_sweep_fits<A>(pr, gq, gk)) return 0;
   const int64_t n = DsStore::elems<L>(pr, gq, gk);
   const int64_t q_elems = pr.B * gq.Nq * pr.heads * pr.D;
   return n * int64_t(sizeof(A)) <= kDsStoreBytes && n <= per_query * q_elems ? n : 0;
 }
 
-// The elements of na3d_fwd_probs's probabilities (the pair store of lane_pair_store_elems) when the
-// backward's sweep over them (lane_bwd_probs.h) fits its scratch bound; 0 otherwise: no probabilities kept.
+// The elements of na3d_fwd_probs's probabilities: a pair store the backward's sweep can take; 0: none kept.
 template <typename A>
 int64_t lane_probs_elems(const Problem& pr, int64_t per_query) {
-  const int64_t n = lane_pair_store_elems<A>(pr, per_query);
-  return n > 0 && probs_sweep_fits<A>(pr, lane_geom(pr), lane_geom(pr, /*key_side=*/true)) ? n : 0;
+  return lane_pair_store_elems<A>(pr, per_query, /*sweep=*/true);
 }
 
 // ------------------------------------------------------------------------------------------------
