@@ -1,6 +1,7 @@
 """The fused CPU kernel against the GEMM rate and against SDPA, all in one process (issue 13).
 
     python -m benchmarks.cpu_gemm_rate [--reps 7] [--cases 333,777,133,333c,777c] [--bwd] [--heads-contiguous]
+                                       [--input-sets 1]
 
 For each case on the NÜWA video grid (10x21x21, 8 heads, D=64, fp32, B=1, default threads): the
 median time of ``nearby_attention(backend="cpu")`` forward (and forward+backward with ``--bwd``), the
@@ -14,6 +15,12 @@ Medians of several repeats; the ``uptime`` load is printed beside the results (s
 inputs of the contract's shapes, each head's rows contiguous instead of 2 KiB apart for 8 heads of 64):
 the same kernel on the same data, to measure what the token-major layout's row stride costs the memory
 system (``gemm-rate.md``, session 8). Outputs and gradients are token-major either way.
+
+``--input-sets N`` times the calls over N independent sets of inputs in turn (query, key, value and, with
+``--bwd``, the output gradient), so that each call finds its inputs where the calls on the other sets
+left them: with N = 1 (the default) a NÜWA call's 27 MB of query, key and value are partly still in the
+L3 cache from the previous call; with N = 4 (108 MB) they come from memory, as in a model whose every
+layer attends new tensors (``gemm-rate.md``, session 12).
 """
 
 from __future__ import annotations
@@ -59,6 +66,17 @@ def timeit(fn, reps: int, warm: int = 2) -> float:
     return statistics.median(ts)
 
 
+class Rotation:
+    """The input sets of the timed calls, taken in turn: ``next()`` returns the next set."""
+
+    def __init__(self, sets):
+        self.sets, self.i = list(sets), -1
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
 def make_inputs(grid, heads: int, dim: int, heads_contiguous: bool = False):
     """q, k, v of shape (1, T, H, W, heads, dim), fp32, standard normal: contiguous (token-major), or views of
     (1, heads, T, H, W, dim) tensors (each head's rows contiguous)."""
@@ -86,10 +104,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--heads-contiguous", action="store_true",
                     help="q, k, v as views of (B, heads, T, H, W, D) tensors (each head's rows contiguous)")
+    ap.add_argument("--input-sets", type=int, default=1,
+                    help="time the calls over this many input sets in turn (4: inputs come from memory, "
+                         "not from the last call's caches)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, process CPU time instead of wall time "
                          "(a busy machine: the work, not the waits)")
     args = ap.parse_args(argv)
+    if args.input_sets < 1:
+        ap.error(f"--input-sets must be at least 1, got {args.input_sets}")
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
@@ -98,10 +121,12 @@ def main(argv: list[str] | None = None) -> None:
     heads, D = args.heads, args.dim
     N = grid[0] * grid[1] * grid[2]
     torch.manual_seed(0)
-    q, k, v = make_inputs(grid, heads, D, args.heads_contiguous)
+    sets = [make_inputs(grid, heads, D, args.heads_contiguous) for _ in range(args.input_sets)]
+    q, k, v = sets[0]
     arch = nuwa_kernels._build_info.BUILD.get("cpu_arch") if hasattr(nuwa_kernels, "_build_info") else "?"
     print(f"cpu: {cpu_model()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
-          f"build {arch}{', heads contiguous' if args.heads_contiguous else ''}")
+          f"build {arch}{', heads contiguous' if args.heads_contiguous else ''}"
+          f"{f', {args.input_sets} input sets in turn' if args.input_sets > 1 else ''}")
     rate = mm_rate(args.reps)
     print(f"torch.mm fp32 1024^3: {rate:.1f} GFLOP/s")
     sd = {}
@@ -117,8 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         pairs = int(window_mask(spec).sum())
         flops = attention_flops(pairs, D, heads, 1, backward=False)
 
+        fwd_sets = Rotation(sets)
+
         def fwd():
-            return nuwa_kernels.nearby_attention(q, k, v, kernel_size=ks_, causal=causal, backend="cpu")
+            q_, k_, v_ = fwd_sets.next()
+            return nuwa_kernels.nearby_attention(q_, k_, v_, kernel_size=ks_, causal=causal, backend="cpu")
 
         t = timeit(fwd, args.reps)
         g = flops / t / 1e9
@@ -126,10 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         if sd:
             line += f"  {sd[causal] / t:6.1f}x SDPA"
         if args.bwd:
-            qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))  # clone keeps the strides
-            go = torch.randn_like(q)
+            # clone keeps the strides; one output gradient per set
+            fb_sets = Rotation([tuple(x.detach().clone().requires_grad_() for x in s_) + (torch.randn_like(s_[0]),)
+                                for s_ in sets])
 
             def fb():  # the gradients returned, not accumulated into .grad (no extra adds in the timing)
+                qg, kg, vg, go = fb_sets.next()
                 o = nuwa_kernels.nearby_attention(qg, kg, vg, kernel_size=ks_, causal=causal, backend="cpu")
                 return torch.autograd.grad(o, (qg, kg, vg), go)
 

@@ -8,11 +8,12 @@ read in place, without its arithmetic; see that file) with the C compiler (``$CC
 OpenMP, and runs it with this process's thread count for the contract's token-major layout and for
 heads-contiguous rows: without prefetches, with the kernel's prefetches, and with ``--fmas`` vector FMAs
 per block of 16 queries and head standing in for the in-core work (the (1,3,3) forward does 1,152 useful
-ones per block and head). In the same rounds it times the fused CPU forward (``nearby_attention``,
+ones per block and head); then with each thread taking a range of blocks and every head of a block in
+turn (whole tokens read close together) instead of tasks of one head. In the same rounds it times the fused CPU forward (``nearby_attention``,
 ``backend="cpu"``, (1,3,3)) on the same grid in both layouts (heads-contiguous: views of
 ``(B, heads, T, H, W, D)`` tensors, as ``cpu_gemm_rate.py --heads-contiguous``). Prints, per row, the
 median over rounds of each run's minimum (ms). Needs an AVX-512 CPU (the stand-in is AVX-512 code).
-See benchmarks/results/cpu-amd-epyc-2t/gemm-rate.md, session 9, for what it showed on this project's
+See benchmarks/results/cpu-amd-epyc-2t/gemm-rate.md, sessions 9 and 12, for what it showed on this project's
 machine.
 """
 
@@ -64,7 +65,7 @@ def build(cache_dir: Optional[str] = None) -> str:
     exe = os.path.join(cache_dir or tempfile.gettempdir(), f"nuwa-read-pattern-{key}")
     if not os.path.exists(exe):
         tmp = f"{exe}.{os.getpid()}"
-        cmd = [cc, "-O2", "-march=native", "-fopenmp", SOURCE, "-o", tmp]
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", SOURCE, "-o", tmp]  # as setup.py builds the kernels
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr}")
@@ -73,10 +74,11 @@ def build(cache_dir: Optional[str] = None) -> str:
 
 
 def run_pattern(exe: str, ntok: int, heads: int, dim: int, reach: int, layout: int, fmas: int, reps: int,
-                prefetch: bool, threads: int) -> float:
-    """Minimum time (ms) of ``reps`` sweeps of the read pattern (see read_pattern.c)."""
+                prefetch: bool, threads: int, all_heads: bool = False) -> float:
+    """Minimum time (ms) of ``reps`` sweeps of the read pattern (see read_pattern.c); ``all_heads``: each
+    thread a range of blocks, every head of a block in turn, instead of tasks of one head each."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    args = [str(x) for x in (ntok, heads, dim, reach, layout, fmas, reps, int(prefetch))]
+    args = [str(x) for x in (ntok, heads, dim, reach, layout, fmas, reps, int(prefetch), int(all_heads))]
     res = subprocess.run([exe] + args, capture_output=True, text=True, env=env, check=True)
     return float(res.stdout.split()[0])
 
@@ -92,15 +94,16 @@ def measure(grid: Sequence[int], heads: int, dim: int, fmas: Sequence[int], reps
     """Rows (label -> {layout: median over rounds of the minimum, ms}), rounds alternating all runs."""
     T, H, W = grid
     ntok, threads, reach = T * H * W, torch.get_num_threads(), W + 1  # the (1,3,3) window's newest key
-    runs = [(f"read pattern, no prefetch, {fmas[0]} FMAs", fmas[0], False)]
-    runs += [(f"read pattern, prefetch, {f} FMAs", f, True) for f in fmas]
+    runs = [(f"read pattern, no prefetch, {fmas[0]} FMAs", fmas[0], False, False)]
+    runs += [(f"read pattern, prefetch, {f} FMAs", f, True, False) for f in fmas]
+    runs += [(f"all heads per block, prefetch, {f} FMAs", f, True, True) for f in fmas]
     torch.manual_seed(0)
     inputs = {layout: make_inputs(grid, heads, dim, layout == "heads-contiguous") for layout in LAYOUTS}
     samples: Dict[str, Dict[str, List[float]]] = {}
     for _ in range(rounds):
         for li, layout in enumerate(LAYOUTS):
-            for label, f, pf in runs:
-                t = run_pattern(exe, ntok, heads, dim, reach, li, f, reps, pf, threads)
+            for label, f, pf, all_heads in runs:
+                t = run_pattern(exe, ntok, heads, dim, reach, li, f, reps, pf, threads, all_heads)
                 samples.setdefault(label, {}).setdefault(layout, []).append(t)
             t = time_forward(*inputs[layout], reps)
             samples.setdefault("fused forward (1,3,3)", {}).setdefault(layout, []).append(t)

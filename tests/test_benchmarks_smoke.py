@@ -332,6 +332,36 @@ def test_cpu_gemm_rate_runs(layout, capsys):
         assert "% of mm" in ln and "fwd+bwd" in ln
 
 
+def test_cpu_gemm_rate_input_sets(monkeypatch, capsys):
+    """--input-sets N: the timed calls take N independent input sets in turn (inputs from memory instead of the
+    last call's caches), said in the header; fewer than one set is refused."""
+    if "cpu" not in nuwa_kernels.available_backends():
+        pytest.skip("the fused CPU kernel is not built")
+    from benchmarks import cpu_gemm_rate
+
+    rot = cpu_gemm_rate.Rotation(["a", "b", "c"])
+    assert [rot.next() for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+    seen = {False: [], True: []}  # the (query, key, value, ) storages of the calls, by requires_grad
+    real = nuwa_kernels.nearby_attention
+
+    def spy(q, k, v, **kw):
+        seen[q.requires_grad].append((q.data_ptr(), k.data_ptr(), v.data_ptr()))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(cpu_gemm_rate.nuwa_kernels, "nearby_attention", spy)
+    cpu_gemm_rate.main(["--grid", "2,5,6", "--heads", "2", "--dim", "16", "--reps", "3", "--no-sdpa", "--bwd",
+                        "--cases", "133", "--input-sets", "2"])
+    for calls in seen.values():  # two sets in turn, each its own tensors
+        assert len(set(calls)) == 2 and len({p for c in calls for p in c}) == 6
+        assert all(calls[i] != calls[i + 1] for i in range(len(calls) - 1))
+    out = capsys.readouterr().out
+    assert "2 input sets in turn" in out
+    lines = [ln for ln in out.splitlines() if " fwd " in ln]
+    assert len(lines) == 1 and "% of mm" in lines[0] and "fwd+bwd" in lines[0]
+    with pytest.raises(SystemExit):
+        cpu_gemm_rate.main(["--input-sets", "0"])
+
+
 def test_cpu_read_bound_runs(tmp_path, capsys):
     """benchmarks/cpu_read_bound.py on a tiny grid: the read-pattern stand-in builds, runs in both layouts
     with and without prefetches, and prints a time per layout beside the fused forward's; the stand-in
@@ -345,10 +375,12 @@ def test_cpu_read_bound_runs(tmp_path, capsys):
     cpu_read_bound.main(["--grid", "2,5,7", "--heads", "2", "--dim", "32", "--fmas", "0,64", "--reps", "2",
                          "--rounds", "1"])
     out = capsys.readouterr().out
-    for label in ("no prefetch, 0 FMAs", "prefetch, 0 FMAs", "prefetch, 64 FMAs", "fused forward (1,3,3)"):
+    for label in ("no prefetch, 0 FMAs", "read pattern, prefetch, 0 FMAs", "read pattern, prefetch, 64 FMAs",
+                  "all heads per block, prefetch, 64 FMAs", "fused forward (1,3,3)"):
         line = next(ln for ln in out.splitlines() if label in ln)
         times = [float(x) for x in re.findall(r"([0-9.]+) ms", line)]
         assert len(times) == 2 and all(t > 0 for t in times), line
     exe = cpu_read_bound.build(str(tmp_path))
     with pytest.raises(subprocess.CalledProcessError):
         cpu_read_bound.run_pattern(exe, 70, 2, 24, 8, 0, 0, 1, True, 1)  # a head dim not in whole vectors
+    assert cpu_read_bound.run_pattern(exe, 70, 2, 32, 8, 0, 16, 1, True, 1, all_heads=True) > 0
