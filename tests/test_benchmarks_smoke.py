@@ -341,7 +341,7 @@ def test_cpu_gemm_rate_input_sets(monkeypatch, capsys):
 
     rot = cpu_gemm_rate.Rotation(["a", "b", "c"])
     assert [rot.next() for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
-    seen = {False: [], True: []}  # the (query, key, value, ) storages of the calls, by requires_grad
+    seen = {False: [], True: []}  # the (query, key, value) storages of the calls, by requires_grad
     real = nuwa_kernels.nearby_attention
 
     def spy(q, k, v, **kw):

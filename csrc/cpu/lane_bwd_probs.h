@@ -37,6 +37,7 @@ struct ProbsSweep {
   int64_t q_ring = 0;      // the key step's Q rows, per head of the group
   int64_t g_ring = 0;      // its dO rows, per head of the group
   int64_t part = 0;        // row_scores' partial sums
+  int64_t sbuf = 0;        // one block's [entries][L] values (P, and dP then dS)
   int64_t scratch = 0;     // elements of a task's scratch
 
   template <typename A>
@@ -55,8 +56,8 @@ struct ProbsSweep {
     s.q_ring = Ring::elems(gk, L, D);
     s.g_ring = Ring::elems(gk, L, Dv);
     s.part = kRows ? kRowScoreBatch * 4 * L : 0;
-    const int64_t sbuf = std::max(gq.box_max, gk.box_max) * L;
-    s.scratch = s.vt_ring + s.k_ring + pr.group * (s.q_ring + s.g_ring + s.ring_elems) + 2 * sbuf + Dv * L +
+    s.sbuf = std::max(gq.box_max, gk.box_max) * L;
+    s.scratch = s.vt_ring + s.k_ring + pr.group * (s.q_ring + s.g_ring + s.ring_elems) + 2 * s.sbuf + Dv * L +
                 L * X + 3 * L + s.part + (pr.group > 1 ? L * (D + Dv) : 0);
     return s;
   }
@@ -96,8 +97,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
   const bool qg_direct = direct_rows_ok<S, kUnit, A>(pr, gk, qs, D) && direct_rows_ok<S, kUnit, A>(pr, gk, gs, Dv);
   // AVX-512 float: dP by row_scores from V's rows; otherwise lane_scores from a V^T ring (same slots as K's).
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
-  const int64_t box_max = std::max(gq.box_max, gk.box_max);
-  const int64_t sbuf = box_max * L;
+  const int64_t box_max = std::max(gq.box_max, gk.box_max), sbuf = sw.sbuf;
   const int64_t X = std::max(D, Dv);
   const int64_t box_axes = std::max(gq.box_axes(), gk.box_axes());
   const std::shared_ptr<const LaneTables> tq = lane_tables<L, false>(pr, gq, &ds);
