@@ -13,7 +13,8 @@
 // by line across the rows) Q's rows two blocks ahead and K's and V's newest rows two blocks ahead (keys up
 // to REACH tokens past the queries: W + 1 for a (1, 3, 3) window on a W-wide grid), unless PREFETCH is 0;
 // load the block's 16 query rows and 16 newest key and value rows; FMAS vector FMAs (8 independent chains,
-// a multiple of 8) in place of the scores, softmax and P V; 16 output rows stored non-temporally.
+// a multiple of 8: at the core's FMA rate, one 512-bit FMA per cycle on Zen 4) in place of the scores,
+// softmax and P V; 16 output rows stored non-temporally.
 // Prints "min_ms median_ms" over REPS sweeps.
 #include <immintrin.h>
 #include <omp.h>
@@ -75,8 +76,13 @@ static float sweep_block(const float* q, const float* k, const float* v, float* 
   }
   __m512 acc = _mm512_setzero_ps();
   for (int i = 0; i < 12; ++i) acc = _mm512_add_ps(acc, a[i]);
-  const __m512 w = _mm512_set1_ps(0.999f);
-  __m512 c0 = acc, c1 = acc, c2 = acc, c3 = acc, c4 = acc, c5 = acc, c6 = acc, c7 = acc;
+  const __m512 w = _mm512_set1_ps(0.999f), e = _mm512_set1_ps(1e-7f);
+  // Eight chains from eight different values, hidden from the optimiser: started equal (until session 13)
+  // GCC folded them into one chain of fmas / 8 dependent FMAs, a delay of fmas / 2 cycles instead of
+  // fmas FMAs at the core's rate.
+  __m512 c0 = acc, c1 = _mm512_add_ps(acc, e), c2 = _mm512_sub_ps(acc, e), c3 = _mm512_mul_ps(acc, w);
+  __m512 c4 = _mm512_add_ps(c1, e), c5 = _mm512_sub_ps(c2, e), c6 = _mm512_mul_ps(c3, w), c7 = _mm512_add_ps(c4, e);
+  __asm__ volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5), "+v"(c6), "+v"(c7));
   for (long i = 0; i < fmas / 8; ++i) {
     c0 = _mm512_fmadd_ps(c0, w, acc), c1 = _mm512_fmadd_ps(c1, w, acc), c2 = _mm512_fmadd_ps(c2, w, acc);
     c3 = _mm512_fmadd_ps(c3, w, acc), c4 = _mm512_fmadd_ps(c4, w, acc), c5 = _mm512_fmadd_ps(c5, w, acc);

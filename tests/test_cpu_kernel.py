@@ -695,6 +695,42 @@ def test_compiled_kernels_keep_their_prefetches():
     assert asm.count("prefetcht1") >= 8, "no software prefetch left in the CPU kernels"
 
 
+PREFETCH_CASES = [  # the lane kernels (forward with kept probabilities and the sweep; recomputed scores for
+    # (7,7,7)), below and past the 4 MiB of inputs where the prefetches start, and the row kernels (D = 24)
+    Case("pf-image-133", (1, 21, 21), kernel_size=(1, 3, 3), heads=8, heads_kv=8, D=64, B=1),
+    Case("pf-video-333-raster", (3, 16, 16), causal=True, heads=8, heads_kv=8, D=64, B=1),
+    Case("pf-777-gqa", (3, 16, 16), kernel_size=7, heads=8, heads_kv=4, D=64, B=1),
+    Case("pf-rows-d24", (3, 16, 16), heads=8, heads_kv=8, D=24, B=2),
+]
+
+
+@pytest.mark.parametrize("case", PREFETCH_CASES, ids=lambda c: c.id)
+def test_prefetch_switch_changes_no_bit(case, monkeypatch):
+    """NUWA_CPU_PREFETCH (read at every call) turns the kernels' software prefetches on (1), off (0) or
+    leaves them to the inputs' size (unset): outputs, lse and gradients are bitwise the same either way,
+    and those of the oracle."""
+    q, k, v = case.inputs(torch.float32, requires_grad=True)
+    g_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    g_lse = torch.randn(q.shape[:-1], dtype=torch.float64)
+    results = []
+    for mode in ("1", "0", None):
+        if mode is None:
+            monkeypatch.delenv("NUWA_CPU_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("NUWA_CPU_PREFETCH", mode)
+        out, lse = run_cpu(case, q, k, v)
+        results.append((out, lse) + _loss_grads(out, lse, (q, k, v), g_out, g_lse))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = run_oracle(case, qd, kd, vd)
+    assert rel_err(results[0][0], ref_out) < TOLERANCE[torch.float32]
+    want = _loss_grads(ref_out, ref_lse, (qd, kd, vd), g_out, g_lse)
+    for got, w in zip(results[0][2:], want):
+        assert rel_err(got, w) < TOLERANCE[torch.float32]
+
+
 def test_outputs_come_from_the_block_pool_and_behave_as_tensors():
     """Freed outputs go back to the pool and the next call reuses them (no page faults); pooled tensors
     resize, and the values are right whatever memory they land in."""

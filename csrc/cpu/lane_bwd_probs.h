@@ -205,8 +205,8 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
           const bool more = head + 1 < (gh + 1) * group;
           const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
           const int64_t pb = more ? q0 + nv : std::min(shi, q0 + 2 * L);
-          if (pa < pb) prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, gq.H, gq.W);
-          if (q0 + kDsAhead * L < shi) {
+          if (pa < pb) prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, gq);
+          if (gq.prefetch && q0 + kDsAhead * L < shi) {
             const int64_t bi = q0 / L + kDsAhead;
             const int32_t* ra = rq.data() + bi * etq.stride;
             for (int64_t e = 0; e < etq.count[bi]; ++e) prefetch_l2(p_in + hb + kDsAhead * L + ra[e] * ds.ld);

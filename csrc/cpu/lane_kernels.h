@@ -223,6 +223,7 @@ struct LaneGeom {
   int64_t rlo[3] = {0, 0, 0}, rhi[3] = {0, 0, 0};  // extremes of rel lo / rel hi over non-empty windows
   int64_t box_max = 1;                               // bound on the entries of one block
   int64_t smin = 0, smax = 0;                        // extreme flat shifts
+  bool prefetch = true;                              // the problem's software prefetches on (Problem)
   // The per-axis extents of the box summed (lane_entries' per-axis mask scratch).
   int64_t box_axes() const { return (rhi[0] - rlo[0] + 1) + (rhi[1] - rlo[1] + 1) + (rhi[2] - rlo[2] + 1); }
 };
@@ -233,6 +234,7 @@ inline LaneGeom lane_geom(const Problem& pr, bool key_side = false) {
   g.H = pr.p.q_len[1];
   g.W = pr.p.q_len[2];
   g.HW = g.H * g.W;
+  g.prefetch = pr.prefetch;
   g.Nq = (key_side ? pr.p.k_len[0] : pr.p.q_len[0]) * g.HW;
   g.Nk = (key_side ? pr.p.q_len[0] : pr.p.k_len[0]) * g.HW;
   const std::vector<Interval>* tab = key_side ? pr.inv : pr.win;
@@ -411,14 +413,15 @@ inline TokenRows<S, kUnit, A> token_rows(const HeadRows<S>& hr, bool direct, int
   return {buf, hr.X};
 }
 
-// Prefetches the rows of tokens [a, b) of one head.
+// Prefetches the rows of tokens [a, b) of one head, flat indices of the grid g (unless g.prefetch is off).
 template <typename S>
-inline void prefetch_tokens(const HeadRows<S>& hr, int64_t a, int64_t b, int64_t H, int64_t W) {
-  if (hr.st.s[2] == W * hr.st.s[3] && hr.st.s[1] == H * hr.st.s[2]) {
+inline void prefetch_tokens(const HeadRows<S>& hr, int64_t a, int64_t b, const LaneGeom& g) {
+  if (!g.prefetch) return;
+  if (hr.st.s[2] == g.W * hr.st.s[3] && hr.st.s[1] == g.H * hr.st.s[2]) {
     prefetch_rows(hr.at(0, 0, 0) + a * hr.st.s[3], b - a, hr.st.s[3], hr.st.s[5], hr.X);
     return;
   }
-  for_each_segment(a, b, H, W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t) { hr.prefetch(t, h, w, n); });
+  for_each_segment(a, b, g.H, g.W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t) { hr.prefetch(t, h, w, n); });
 }
 
 // S[e * L + lane] = A^T-block . X^T[pos_e ...] for M entries: a[d * L + lane] (d < D), xp[m] + d * ld.
@@ -910,7 +913,7 @@ struct TransposedRing {
       const int64_t X = hr.X;
       if (b - a == L) {
         if (hi + kPrefetchAhead * L + L <= g->Nk)
-          prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
+          prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, *g);
         const TokenRows<S, kUnit, A> tr = token_rows<kUnit>(hr, direct, a, b, g->H, g->W, tmp);
         transpose_rows(buf + slot, ld, tr.p, tr.rs, L, X);
       } else {
@@ -965,7 +968,7 @@ struct RowRing {
       if (b - a < L) std::fill(dst, dst + L * X, A(0));
       if (b > a) {
         if (hi + kPrefetchAhead * L + L <= g->Nk)
-          prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, g->H, g->W);
+          prefetch_tokens(hr, hi + kPrefetchAhead * L, hi + kPrefetchAhead * L + L, *g);
         for_each_segment(a, b, g->H, g->W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t pos) {
           hr.template gather<kUnit>(dst + (pos - hi) * X, t, h, w, n);
         });
@@ -1009,7 +1012,7 @@ inline const A* block_product_rows(bool direct, bool in_grid, RowRing<S, kUnit, 
   if (direct && in_grid) {
     for (int64_t e = 0; e < n; ++e) cols[e] = q0 + shift[e];
     const int64_t pc = round_up(q0 + L + g.smax, L) + (kPrefetchAhead - 1) * L;  // as the ring would
-    if (pc + L <= g.Nk) prefetch_tokens(hr, pc, pc + L, g.H, g.W);
+    if (pc + L <= g.Nk) prefetch_tokens(hr, pc, pc + L, g);
     *rs = hr.st.s[3];
     return reinterpret_cast<const A*>(hr.at(0, 0, 0));
   }
@@ -1307,9 +1310,9 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         const HeadRows<S> qh = head_rows(q, qs, b, head, D);
         if (head + 1 < (gh + 1) * group)
-          prefetch_tokens(head_rows(q, qs, b, head + 1, D), q0, q0 + nv, g.H, g.W);
+          prefetch_tokens(head_rows(q, qs, b, head + 1, D), q0, q0 + nv, g);
         else if (q0 + L < qb)
-          prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g.H, g.W);
+          prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g);
         if constexpr (kRows) {  // the block's query rows (packed: rows past the block zeros)
 #if defined(__AVX512F__)
           int64_t qrs;
@@ -1474,7 +1477,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     int64_t q0 = qa;
     // The dS store's lines of block q0 + kDsAhead * L (one stream per row), at hb (base + q0).
     const auto prefetch_store = [&](int64_t hb) {
-      if (q0 + kDsAhead * L >= qb) return;
+      if (!g.prefetch || q0 + kDsAhead * L >= qb) return;
       const int64_t bi = q0 / L + kDsAhead;
       const int32_t* ra = dsr.data() + bi * et.stride;
       for (int64_t e = 0; e < et.count[bi]; ++e) prefetch_l2(ds_in + hb + kDsAhead * L + ra[e] * ds->ld);
@@ -1515,8 +1518,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
             const int64_t pb = more ? q0 + nv : std::min(qb, q0 + 2 * L);
             if (pa < pb) {
-              prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g.H, g.W);
-              prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g.H, g.W);
+              prefetch_tokens(head_rows(q, qs, b, nh, D), pa, pb, g);
+              prefetch_tokens(head_rows(go, gs, b, nh, Dv), pa, pb, g);
             }
           }
           if constexpr (kRows) {
@@ -1641,8 +1644,8 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       const int64_t n = et.get<L, true>(pr, g, k0, nv, &shift, &mask, shift_buf, mask_buf, mt, mh, mw);
       qrow[0].slots(k0, shift, n, col);
       if (k0 + L < kb) {  // the next block's key and value rows
-        prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
-        prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g.H, g.W);
+        prefetch_tokens(kh_, k0 + L, std::min(kb, k0 + 2 * L), g);
+        prefetch_tokens(vh, k0 + L, std::min(kb, k0 + 2 * L), g);
       }
       const A* krows = Kt;  // the block's key and value rows (row_scores: in place or packed)
       const A* vrows = Vt;
@@ -1676,7 +1679,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         } else {
           lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
         }
-        if (ds_out && k0 + kDsAhead * L < kb) {  // the store's rows kDsAhead blocks ahead (one stream per
+        if (ds_out && g.prefetch && k0 + kDsAhead * L < kb) {  // the store's rows kDsAhead blocks ahead (one stream per
           const int64_t bi = k0 / L + kDsAhead;  // row, as the query pass's)
           const int32_t* ra = dsr.data() + bi * et.stride;
           const int64_t* sa = et.shift.data() + bi * et.stride;
