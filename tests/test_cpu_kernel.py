@@ -447,9 +447,21 @@ def test_lane_kernels_forward_backward(case, dtype):
     _assert_grads_match(out, lse, (q, k, v), ref_out, ref_lse, (qd, kd, vd), TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("case", [LANE_CASES[i] for i in (0, 1, -6, -2)], ids=lambda c: c.id)
+PREFETCH_CASES = [  # the lane kernels (forward with kept probabilities and the sweep; recomputed scores for
+    # (7,7,7)), below and past the 4 MiB of inputs where the prefetches and the shared schedule start, and the
+    # row kernels (D = 24)
+    Case("pf-image-133", (1, 21, 21), kernel_size=(1, 3, 3), heads=8, heads_kv=8, D=64, B=1),
+    Case("pf-video-333-raster", (3, 16, 16), causal=True, heads=8, heads_kv=8, D=64, B=1),
+    Case("pf-777-gqa", (3, 16, 16), kernel_size=7, heads=8, heads_kv=4, D=64, B=1),
+    Case("pf-rows-d24", (3, 16, 16), heads=8, heads_kv=8, D=24, B=2),
+]
+
+
+@pytest.mark.parametrize("case", [LANE_CASES[i] for i in (0, 1, -6, -2)] + PREFETCH_CASES[1:2],
+                         ids=lambda c: c.id)
 def test_lane_kernels_thread_count_invariant(case):
-    """The lane kernels cut each head into more tasks with more threads (different block alignment):
+    """The lane kernels cut each head into more tasks with more threads (different block alignment), and
+    hand them out owner first for small inputs, from one counter past 4 MiB (pf-video-333-raster):
     results stay bitwise identical."""
     q, k, v = case.inputs(torch.float32, requires_grad=True)
 
@@ -693,15 +705,6 @@ def test_compiled_kernels_keep_their_prefetches():
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
                          check=True).stdout
     assert asm.count("prefetcht1") >= 8, "no software prefetch left in the CPU kernels"
-
-
-PREFETCH_CASES = [  # the lane kernels (forward with kept probabilities and the sweep; recomputed scores for
-    # (7,7,7)), below and past the 4 MiB of inputs where the prefetches start, and the row kernels (D = 24)
-    Case("pf-image-133", (1, 21, 21), kernel_size=(1, 3, 3), heads=8, heads_kv=8, D=64, B=1),
-    Case("pf-video-333-raster", (3, 16, 16), causal=True, heads=8, heads_kv=8, D=64, B=1),
-    Case("pf-777-gqa", (3, 16, 16), kernel_size=7, heads=8, heads_kv=4, D=64, B=1),
-    Case("pf-rows-d24", (3, 16, 16), heads=8, heads_kv=8, D=24, B=2),
-]
 
 
 @pytest.mark.parametrize("case", PREFETCH_CASES, ids=lambda c: c.id)

@@ -330,21 +330,26 @@ inline void prefetch_l2(const void* p) {
 #endif
 }
 
-// Software prefetches pay off when a call's inputs come from memory; inputs this small (query, key and
-// value together) stay in the caches between calls (or come there from the layer that wrote them), and
-// the prefetch instructions then only cost issue slots and miss buffers. Measured on the 2-core EPYC
-// (float32, 8 heads, D = 64, two threads, in-process alternation, medians of forward + backward ops,
-// without -> with prefetches): (1,3,3) on 1x21x21 (NÜWA's image grid, 2.7 MB) 337 -> 353 us and 370 ->
-// 407, 1x24x24 (3.5 MB) 443 -> 479, 2x16x16 (3.1 MB) 434 -> 429, (3,3,3) there 802 -> 833; 1x28x28 (4.8
-// MB) 785 -> 779; past it they pay: 2x21x21 (5.4 MB) 1035 -> 964, 1x32x32 (6.3 MB) 2144 -> 1945.
-constexpr int64_t kPrefetchMinBytes = int64_t(4) << 20;
+// Calls whose query, key and value hold at most this many bytes together count as cache-resident: their
+// inputs stay in the caches between calls (or arrive there from the layer that wrote them). For them the
+// kernels issue no software prefetch (prefetch_wanted) and parallel_tasks keeps each thread on the same
+// tasks every call (Schedule::kOwnerFirst). Measured on the 2-core EPYC, float32, 8 heads, D = 64, two
+// threads, in-process alternation, medians of forward + backward ops (before -> after).
+// Prefetches off: (1,3,3) on 1x21x21 (NÜWA's image grid, 2.7 MB) 353 -> 341 us and 407 -> 370, 1x24x24
+// (3.5 MB) 479 -> 443, 2x16x16 (3.1 MB) 429 -> 434, (3,3,3) there 833 -> 802; past the bound, 1x28x28
+// (4.8 MB) 779 -> 785, and they pay: 2x21x21 (5.4 MB) 964 -> 1035 without them, 1x32x32 (6.3 MB) 1945 ->
+// 2144. Owner first: 1x21x21 337 -> 314 and 343 -> 312, 2x16x16 456 -> 431; past the bound, 2x21x21 1064
+// -> 1095, 1x32x32 1438 -> 1409, NÜWA's video grid (27 MB) within the noise either way (public training
+// step 4.81 -> 5.11, 4.61 -> 4.69, 4.20 -> 4.25 ms): no input survives there in a core's L2 from one call
+// to the next.
+constexpr int64_t kCachedInputBytes = int64_t(4) << 20;
 
-// Whether a call whose query, key and value hold `bytes` issues software prefetches: NUWA_CPU_PREFETCH=1
-// always, 0 never, unset (or anything else) past kPrefetchMinBytes. Read at every call.
-inline bool prefetch_wanted(int64_t bytes) {
+// Whether a call issues software prefetches: NUWA_CPU_PREFETCH=1 always, 0 never, unset (or anything
+// else) unless its inputs are cache-resident (kCachedInputBytes). Read at every call.
+inline bool prefetch_wanted(bool in_cache) {
   const char* e = std::getenv("NUWA_CPU_PREFETCH");
   if (e && (e[0] == '0' || e[0] == '1') && e[1] == '\0') return e[0] == '1';
-  return bytes > kPrefetchMinBytes;
+  return !in_cache;
 }
 
 // Prefetches n tokens of one head (stride xs, D elements of stride ds) ahead of their pack_rows, so
@@ -440,6 +445,7 @@ struct Problem {
   int64_t win_max = 1;    // bound on the keys of one query: product of the widest window per axis
   int64_t win_w_max = 1;  // widest window on the w axis
   int64_t inv_w_max = 1;  // widest inverse window on the w axis
+  bool in_cache = false;  // inputs of at most kCachedInputBytes
   bool prefetch = true;   // software prefetches on (prefetch_wanted)
 };
 
@@ -479,9 +485,9 @@ Problem make_problem(const at::Tensor& query, const at::Tensor& key, const at::T
   pr.D = query.size(5);
   pr.Dv = value.size(5);
   pr.scale = scale;
-  pr.prefetch = prefetch_wanted(int64_t(query.numel()) * query.element_size() +
-                                int64_t(key.numel()) * key.element_size() +
-                                int64_t(value.numel()) * value.element_size());
+  pr.in_cache = int64_t(query.numel()) * query.element_size() + int64_t(key.numel()) * key.element_size() +
+                    int64_t(value.numel()) * value.element_size() <= kCachedInputBytes;
+  pr.prefetch = prefetch_wanted(pr.in_cache);
   pr.win_max = 1;
   for (int a = 0; a < 3; ++a) {
     int64_t widest = 1;
@@ -526,29 +532,52 @@ struct Scratch {
   std::vector<int64_t> idx;
 };
 
+// How parallel_tasks hands out its chunks: from one shared counter in turn (kShared), or each thread its
+// own contiguous range first, the same every call, then the others' (kOwnerFirst, for cache-resident
+// problems: a thread then runs the tasks, heads, whose rows the previous call left in its core's L2).
+enum class Schedule { kShared, kOwnerFirst };
+
+inline Schedule schedule_of(const Problem& pr) {
+  return pr.in_cache ? Schedule::kOwnerFirst : Schedule::kShared;
+}
+
 // Runs body(scratch, task) for task in [0, n) on at::get_num_threads() threads. The tasks are cut into
-// about 32 contiguous chunks per thread, which the threads take in turn from a shared counter:
-// consecutive tasks of a chunk are grid neighbours that share most of their key rows (cache reuse),
-// and a thread slowed down (by causal windows with less work elsewhere, or by a busy machine) simply
-// takes fewer chunks. Deterministic all the same: every output element is written by exactly one task,
-// whose arithmetic does not depend on the thread that runs it. `work` (about the multiply-adds of the
-// call) keeps small calls on the calling thread, where starting a thread team would cost more.
+// about 32 contiguous chunks per thread, consecutive tasks of a chunk being grid neighbours that share most
+// of their key rows (cache reuse), which the threads take from counters (`sched`) until none is left: a
+// thread slowed down (by causal windows with less work elsewhere, or by a busy machine) simply takes fewer
+// chunks. Deterministic all the same: every output element is written by exactly one task, whose
+// arithmetic does not depend on the thread that runs it. `work` (about the multiply-adds of the call)
+// keeps small calls on the calling thread, where starting a thread team would cost more.
 template <typename A, typename Body>
-void parallel_tasks(int64_t n, double work, int64_t scratch_a, int64_t scratch_idx, const Body& body) {
+void parallel_tasks(Schedule sched, int64_t n, double work, int64_t scratch_a, int64_t scratch_idx,
+                    const Body& body) {
   if (n <= 0) return;
   constexpr double kMinWorkPerThread = double(1 << 17);
   const int64_t by_work = static_cast<int64_t>(std::min(work / kMinWorkPerThread, 1e9));
   const int64_t nt = std::max<int64_t>(1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n, by_work}));
   const int64_t chunk = std::max<int64_t>(1, (n + 32 * nt - 1) / (32 * nt));
   const int64_t nchunks = (n + chunk - 1) / chunk;
-  std::atomic<int64_t> next{0};
+  struct alignas(64) Range {  // a counter per cache line: the threads' counters share no line
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  // kShared: every chunk in range 0, the others empty; kOwnerFirst: nt equal ranges.
+  const int64_t nr = sched == Schedule::kOwnerFirst ? nt : 1;
+  std::unique_ptr<Range[]> ranges(new Range[nr]);
+  for (int64_t r = 0; r < nr; ++r) {
+    ranges[r].next.store(nchunks * r / nr, std::memory_order_relaxed);
+    ranges[r].end = nchunks * (r + 1) / nr;
+  }
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
     Scratch<A> sc;
     sc.a.assign(scratch_a, A(0));
     sc.idx.assign(scratch_idx, 0);
-    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
-      for (int64_t task = c * chunk; task < std::min(n, (c + 1) * chunk); ++task) body(sc, task);
+    for (int64_t i = 0; i < nr; ++i) {  // its own range first (thread `begin` owns range `begin`)
+      Range& r = ranges[(begin + i) % nr];
+      for (int64_t c = r.next.fetch_add(1); c < r.end; c = r.next.fetch_add(1))
+        for (int64_t task = c * chunk; task < std::min(n, (c + 1) * chunk); ++task) body(sc, task);
+    }
   });
 }
 
@@ -763,7 +792,7 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
   // place (token stride apart) instead of being packed; a query's segment is a short sliding window
   // of tokens, so the rows stay in L1 between neighbouring queries without the copy.
   constexpr bool kDirect = kUnit && std::is_same<S, A>::value;
-  parallel_tasks<A>(ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
     const QueryRow r = query_row(pr, task);
     A* Qb = sc.a.data();        // [Wb, D]    queries of the block
     A* Ob = Qb + Wb * D;        // [Wb, Dv]   output accumulators
@@ -857,7 +886,7 @@ void bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strid
   const int64_t ntask = pr.B * heads * T * H;
   const int64_t scratch = Wb * (2 * D + Dv + 2) + Wk * (D + Dv) + 4 * rb;
   const double work = double(ntask) * W * pr.win_max * (2 * D + Dv);
-  parallel_tasks<A>(ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
     const QueryRow r = query_row(pr, task);
     A* Qb = sc.a.data();        // [Wb, D]   queries
     A* Gb = Qb + Wb * D;        // [Wb, Dv]  output gradients
@@ -929,7 +958,7 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
   const int64_t ntask = pr.B * heads_kv * Tk * Hk;
   const int64_t scratch = Kb_n * 2 * (D + Dv) + W * (D + Dv + 2) + 4 * rb;
   const double work = double(ntask) * Wk * pr.win_max * 2 * (D + Dv);  // inverse windows ~ windows
-  parallel_tasks<A>(ntask, work, scratch, 3 * Kb_n, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 3 * Kb_n, [&](Scratch<A>& sc, int64_t task) {
     const RowTask r = row_task(task, heads_kv, Tk, Hk);  // (b, kv head g, kt, kh)
     const int64_t b = r.b, g = r.head, kt = r.t, kh = r.h;
     A* Kb = sc.a.data();       // [nb, D]   keys of the block
