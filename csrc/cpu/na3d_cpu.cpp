@@ -561,7 +561,7 @@ void parallel_tasks(Schedule sched, int64_t n, double work, int64_t scratch_a, i
     std::atomic<int64_t> next;
     int64_t end;
   };
-  // kShared: every chunk in range 0, the others empty; kOwnerFirst: nt equal ranges.
+  // kShared: one range of every chunk; kOwnerFirst: nt equal ranges, range t thread t's.
   const int64_t nr = sched == Schedule::kOwnerFirst ? nt : 1;
   std::unique_ptr<Range[]> ranges(new Range[nr]);
   for (int64_t r = 0; r < nr; ++r) {

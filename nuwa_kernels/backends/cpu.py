@@ -8,6 +8,10 @@ When the inputs need gradients, autograd runs ``na3d_fwd_probs`` / ``na3d_bwd_pr
 windows the forward also keeps every pair's probability for the backward (activation memory of at most
 ``NUWA_CPU_PROBS`` times the query's size, default 1, at most 8, read at the first call; ``0`` keeps none and the
 backward recomputes the scores).
+
+Calls whose query, key and value hold at most 4 MiB together are taken as cache-resident: the kernels issue no
+software prefetch for them and each thread takes the same tasks first every call. ``NUWA_CPU_PREFETCH=1`` (or
+``0``) turns the prefetches on (off) for every call; read at every call.
 """
 
 from __future__ import annotations
