@@ -447,6 +447,25 @@ def test_lane_kernels_forward_backward(case, dtype):
     _assert_grads_match(out, lse, (q, k, v), ref_out, ref_lse, (qd, kd, vd), TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("case", [LANE_CASES[9], LANE_CASES[1], CASES[18], CASES[19]], ids=lambda c: c.id)
+def test_half_outputs_are_the_float_kernels_rounded(case, dtype):
+    """A half-type call computes in float32 from inputs that float32 holds exactly, so its output is the
+    float32 call's on the same values, rounded to nearest even: bitwise, in the lane kernels (D = 64 and
+    32: the vectorised stores) and the row kernels (D = 84, 5: vector and scalar tails), NaN where it is
+    NaN (its bits are c10's scalar rule, 0x7FC0 for bfloat16, not those of ``Tensor.to``). A rounding that
+    truncated would differ in about half the elements."""
+    q, k, v = case.inputs(dtype)
+    q[0, 0, 0, 0, 0, 0] = float("nan")  # one NaN query row: its outputs are NaN
+    out, lse = run_cpu(case, q, k, v)
+    ref_out, ref_lse = run_cpu(case, q.float(), k.float(), v.float())
+    want = ref_out.to(dtype)
+    assert out.dtype == dtype and int(out.isnan().sum()) == case.D
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.nan_to_num(0.0).view(torch.int16), want.nan_to_num(0.0).view(torch.int16))
+    assert torch.allclose(lse, ref_lse, rtol=0, atol=0, equal_nan=True)
+
+
 PREFETCH_CASES = [  # the lane kernels (forward with kept probabilities and the sweep; recomputed scores for
     # (7,7,7)), below and past the 4 MiB of inputs where the prefetches and the shared schedule start, and the
     # row kernels (D = 24)

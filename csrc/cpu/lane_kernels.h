@@ -820,26 +820,6 @@ inline void vst_masked(A* p, const Vec<A>& v, uint32_t mask) {
 // Forward
 // ------------------------------------------------------------------------------------------------
 
-// out rows (i < nv, row stride ors) = Ot[d * L + i] * f[i], d < X (X a multiple of L).
-template <typename S, typename A>
-inline void store_lanes(S* out, int64_t ors, A* Ot, const A* f, int nv, int64_t X, A* tmp) {
-  constexpr int L = kLanes<A>;
-  const Vec<A> fv = vld(f);
-  for (int64_t d = 0; d < X; ++d) vst(Ot + d * L, vld(Ot + d * L) * fv);
-  if constexpr (std::is_same<S, A>::value) {
-    if (nv == L) {
-      for (int64_t d0 = 0; d0 < X; d0 += L) transpose_rows(out + d0, ors, Ot + d0 * L, L, L, L);
-      return;
-    }
-  }
-  for (int64_t d0 = 0; d0 < X; d0 += L) transpose_rows(tmp + d0, X, Ot + d0 * L, L, L, nv);
-  for (int i = 0; i < nv; ++i) {
-    S* op = out + i * ors;
-    const A* src = tmp + i * X;
-    for (int64_t d = 0; d < X; ++d) op[d] = static_cast<S>(src[d]);
-  }
-}
-
 // Outputs larger than this many bytes are stored non-temporally (AVX-512 builds).
 constexpr int64_t kStreamBytes = int64_t(4) << 20;
 #if defined(__AVX512F__)
@@ -1121,11 +1101,10 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
     S* o = out + (i + u) * ors + d0;
     for (int j = 0; j < NB; ++j) {
       const Vec<A> y = acc[u][j] * fu;
-      if constexpr (std::is_same<S, A>::value) {
+      if constexpr (std::is_same<S, A>::value)
         vst_to(kStream, o + j * L, y);  // non-temporal: no read for ownership of lines not cached
-      } else {
-        for (int l = 0; l < L; ++l) o[j * L + l] = static_cast<S>(y[l]);
-      }
+      else
+        vstore<S, A>(o + j * L, y);
     }
   }
 }

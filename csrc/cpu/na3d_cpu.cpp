@@ -170,6 +170,41 @@ inline Vec<A> vload(const S* __restrict p, int64_t ds) {
   return r;
 }
 
+// p[0, L) = the L lanes of v converted to S, each rounded as static_cast<S> rounds it (bfloat16: to
+// nearest even, every NaN 0x7FC0, c10::BFloat16's rule; float16: F16C's nearest even). Vectorised: the
+// half types' outputs were stored lane by lane, which made the bfloat16 and float16 calls twice as slow
+// as float32 ones for half their bytes (NÜWA (1,3,3) forward, 10x21x21, 8 heads: 2.94 against 1.37 ms).
+template <typename S, typename A>
+__attribute__((always_inline)) inline void vstore(S* __restrict p, const Vec<A>& v) {
+  constexpr int L = kLanes<A>;
+  if constexpr (std::is_same<S, A>::value) {
+    std::memcpy(p, &v, sizeof(v));
+  } else if constexpr (std::is_same<S, c10::BFloat16>::value && std::is_same<A, float>::value) {
+    typedef uint16_t U16 __attribute__((vector_size(kVecBytes / 2)));
+    typedef uint32_t U32 __attribute__((vector_size(kVecBytes)));
+    U32 u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U32 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    const U32 bits = v != v ? U32{} + 0x7FC0u : rounded;
+    const U16 h = __builtin_convertvector(bits, U16);
+    std::memcpy(p, &h, sizeof(h));
+#if defined(__F16C__) && defined(__AVX__)
+  } else if constexpr (std::is_same<S, c10::Half>::value && std::is_same<A, float>::value) {
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256 lo;
+    std::memcpy(&lo, &v, 32);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, kRound));
+    if constexpr (L == 16) {
+      __m256 hi;
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, kRound));
+    }
+#endif
+  } else {
+    for (int l = 0; l < L; ++l) p[l] = static_cast<S>(v[l]);
+  }
+}
+
 // Sum of the lanes in a fixed order (deterministic).
 template <typename A>
 inline A hsum(const Vec<A>& v) {
@@ -706,10 +741,14 @@ inline HeadRows<T> head_rows(const T* p, const Strides& st, int64_t b, int64_t h
 template <typename S, typename A, typename F>
 inline void store_rows(S* out, int64_t tok0, int64_t heads, int64_t head, const A* src, int64_t nb, int64_t X,
                        const F& factor) {
+  constexpr int L = kLanes<A>;
+  const int64_t Xm = X - X % L;
   for (int64_t i = 0; i < nb; ++i) {
     S* op = out + ((tok0 + i) * heads + head) * X;
+    const A* s = src + i * X;
     const A f = factor(i);
-    for (int64_t d = 0; d < X; ++d) op[d] = static_cast<S>(src[i * X + d] * f);
+    for (int64_t d = 0; d < Xm; d += L) vstore<S, A>(op + d, vload<true, A>(s + d, 1) * f);
+    for (int64_t d = Xm; d < X; ++d) op[d] = static_cast<S>(s[d] * f);
   }
 }
 
