@@ -753,6 +753,34 @@ def test_prefetch_switch_changes_no_bit(case, monkeypatch):
         assert rel_err(got, w) < TOLERANCE[torch.float32]
 
 
+SCRATCH_CASES = [LANE_CASES[i] for i in (1, 2, 9, 11, 12, 13)] + [
+    c for c in CASES if c.id in ("cross-down-frame-causal", "d84-tails", "d5-scalar", "none-raster-shift")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", SCRATCH_CASES, ids=lambda c: c.id)
+def test_scratch_is_written_before_it_is_read(case, dtype, monkeypatch):
+    """The kernels' per-thread scratch (rings, packed rows, score blocks) is not zeroed: with it filled with
+    NaN (NUWA_CPU_SCRATCH_POISON=1) every output, lse and gradient is still finite and the oracle's, in
+    the lane kernels (rows in place and rings at the grid's borders, the dS store, kept probabilities,
+    grouped heads, 7-wide windows) and the row kernels. A ring that left its rows outside the grid unwritten
+    would put NaN into every border query's result."""
+    monkeypatch.setenv("NUWA_CPU_SCRATCH_POISON", "1")
+    q, k, v = case.inputs(dtype, requires_grad=True)
+    out, lse = run_cpu(case, q, k, v)
+    g_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    g_lse = torch.randn(q.shape[:-1], dtype=torch.float64)
+    grads = _loss_grads(out, lse, (q, k, v), g_out, g_lse)
+    for t in (out, lse, *grads):
+        assert bool(torch.isfinite(t).all())
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref_out, ref_lse = run_oracle(case, qd, kd, vd)
+    assert rel_err(out, ref_out) < TOLERANCE[dtype]
+    assert rel_err(lse, ref_lse) < TOLERANCE[_ops.accum_dtype(dtype)]
+    for got, want in zip(grads, _loss_grads(ref_out, ref_lse, (qd, kd, vd), g_out, g_lse)):
+        assert rel_err(got, want) < TOLERANCE[dtype]
+
+
 def test_outputs_come_from_the_block_pool_and_behave_as_tensors():
     """Freed outputs go back to the pool and the next call reuses them (no page faults); pooled tensors
     resize, and the values are right whatever memory they land in."""
