@@ -11,7 +11,9 @@ backward recomputes the scores).
 
 Calls whose query, key and value hold at most 4 MiB together are taken as cache-resident: the kernels issue no
 software prefetch for them and each thread takes the same tasks first every call. ``NUWA_CPU_PREFETCH=1`` (or
-``0``) turns the prefetches on (off) for every call; read at every call.
+``0``) turns the prefetches on (off) for every call; read at every call. ``NUWA_CPU_SCRATCH_POISON=1`` fills the
+kernels' per-thread scratch with NaN (otherwise left uninitialised: every kernel writes what it reads), for
+debugging; read at every call.
 """
 
 from __future__ import annotations
