@@ -829,10 +829,11 @@ constexpr bool kStreamOK = false;
 #endif
 
 // Whether rows of X elements written into `out` (rows in all) go out with non-temporal stores: outputs
-// beyond the caches, 64-byte aligned rows, AVX-512 builds, S the accumulation type.
+// beyond the caches, 64-byte aligned rows, AVX-512 builds, S the accumulation type or a half type (vstore).
 template <typename S, typename A>
 inline bool stream_rows(const S* out, double rows, int64_t X) {
-  return std::is_same<S, A>::value && kStreamOK && rows * X * sizeof(S) > double(kStreamBytes) &&
+  constexpr bool kHalf = std::is_same<A, float>::value && sizeof(S) == 2;
+  return (std::is_same<S, A>::value || kHalf) && kStreamOK && rows * X * sizeof(S) > double(kStreamBytes) &&
          (reinterpret_cast<uintptr_t>(out) % 64) == 0 && (X * sizeof(S)) % 64 == 0;
 }
 
@@ -1104,7 +1105,7 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
       if constexpr (std::is_same<S, A>::value)
         vst_to(kStream, o + j * L, y);  // non-temporal: no read for ownership of lines not cached
       else
-        vstore<S, A>(o + j * L, y);
+        vstore<S, A, kStream>(o + j * L, y);
     }
   }
 }

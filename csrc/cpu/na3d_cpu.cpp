@@ -174,9 +174,21 @@ inline Vec<A> vload(const S* __restrict p, int64_t ds) {
 // nearest even, every NaN 0x7FC0, c10::BFloat16's rule; float16: F16C's nearest even). Vectorised: the
 // half types' outputs were stored lane by lane, which made the bfloat16 and float16 calls twice as slow
 // as float32 ones for half their bytes (NÜWA (1,3,3) forward, 10x21x21, 8 heads: 2.94 against 1.37 ms).
-template <typename S, typename A>
+// kStream (AVX-512 builds, half types, p 32-byte aligned): a non-temporal store of the 32 bytes.
+template <typename S, typename A, bool kStream = false>
 __attribute__((always_inline)) inline void vstore(S* __restrict p, const Vec<A>& v) {
   constexpr int L = kLanes<A>;
+  [[maybe_unused]] const auto put16 = [p](const auto& h) __attribute__((always_inline)) {  // L lanes of 2 bytes
+#if defined(__AVX512F__)
+    if constexpr (kStream && sizeof(h) == 32) {
+      __m256i x;
+      std::memcpy(&x, &h, 32);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), x);
+      return;
+    }
+#endif
+    std::memcpy(p, &h, sizeof(h));
+  };
   if constexpr (std::is_same<S, A>::value) {
     std::memcpy(p, &v, sizeof(v));
   } else if constexpr (std::is_same<S, c10::BFloat16>::value && std::is_same<A, float>::value) {
@@ -186,18 +198,18 @@ __attribute__((always_inline)) inline void vstore(S* __restrict p, const Vec<A>&
     std::memcpy(&u, &v, sizeof(u));
     const U32 rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
     const U32 bits = v != v ? U32{} + 0x7FC0u : rounded;
-    const U16 h = __builtin_convertvector(bits, U16);
-    std::memcpy(p, &h, sizeof(h));
+    put16(__builtin_convertvector(bits, U16));
 #if defined(__F16C__) && defined(__AVX__)
   } else if constexpr (std::is_same<S, c10::Half>::value && std::is_same<A, float>::value) {
     constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     __m256 lo;
     std::memcpy(&lo, &v, 32);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, kRound));
     if constexpr (L == 16) {
       __m256 hi;
       std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, kRound));
+      put16(_mm256_set_m128i(_mm256_cvtps_ph(hi, kRound), _mm256_cvtps_ph(lo, kRound)));
+    } else {
+      put16(_mm256_cvtps_ph(lo, kRound));
     }
 #endif
   } else {
