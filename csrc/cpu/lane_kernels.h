@@ -1345,7 +1345,9 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     if (stream_out) _mm_sfence();  // the non-temporal stores are visible before the task ends
 #endif
   });
-  at::parallel_for(0, pr.B * g.Nq, 4096, [&](int64_t r0, int64_t r1) {  // lse[b, q, head] = lse_rows[b, head, q]
+  // lse[b, q, head] = lse_rows[b, head, q], in equal parts per thread past 1,024 rows (a grain of 4,096
+  // left NÜWA's 4,410 to one thread: 16-24 -> 13-15 us a call)
+  at::parallel_for(0, pr.B * g.Nq, 1024, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const A* src = lse_rows.get() + (r / g.Nq) * heads * nq_pad + r % g.Nq;
       A* dst = lse + r * heads;
