@@ -1,7 +1,7 @@
 """The fused CPU kernel against the GEMM rate and against SDPA, all in one process (issue 13).
 
     python -m benchmarks.cpu_gemm_rate [--reps 7] [--cases 333,777,133,333c,777c] [--bwd] [--heads-contiguous]
-                                       [--input-sets 1]
+                                       [--input-sets 1] [--dtype float32]
 
 For each case on the NÜWA video grid (10x21x21, 8 heads, D=64, fp32, B=1, default threads): the
 median time of ``nearby_attention(backend="cpu")`` forward (and forward+backward with ``--bwd``), the
@@ -21,6 +21,10 @@ system (``gemm-rate.md``, session 8). Outputs and gradients are token-major eith
 left them: with N = 1 (the default) a NÜWA call's 27 MB of query, key and value are partly still in the
 L3 cache from the previous call; with N = 4 (108 MB) they come from memory, as in a model whose every
 layer attends new tensors (``gemm-rate.md``, session 12).
+
+``--dtype bfloat16`` (or ``float16``) times the calls on half-type inputs (the kernels compute in float32);
+the useful FLOPs are the same, and the reference stays the float32 ``torch.mm`` rate, so the share says
+how close a half-type call comes to float32 GEMM arithmetic (SDPA runs in the same dtype).
 """
 
 from __future__ import annotations
@@ -77,12 +81,12 @@ class Rotation:
         return self.sets[self.i]
 
 
-def make_inputs(grid, heads: int, dim: int, heads_contiguous: bool = False):
-    """q, k, v of shape (1, T, H, W, heads, dim), fp32, standard normal: contiguous (token-major), or views of
-    (1, heads, T, H, W, dim) tensors (each head's rows contiguous)."""
+def make_inputs(grid, heads: int, dim: int, heads_contiguous: bool = False, dtype=torch.float32):
+    """q, k, v of shape (1, T, H, W, heads, dim) in ``dtype``, standard normal: contiguous (token-major), or
+    views of (1, heads, T, H, W, dim) tensors (each head's rows contiguous)."""
     if heads_contiguous:
-        return [torch.randn(1, heads, *grid, dim).permute(0, 2, 3, 4, 1, 5) for _ in range(3)]
-    return [torch.randn(1, *grid, heads, dim) for _ in range(3)]
+        return [torch.randn(1, heads, *grid, dim).to(dtype).permute(0, 2, 3, 4, 1, 5) for _ in range(3)]
+    return [torch.randn(1, *grid, heads, dim).to(dtype) for _ in range(3)]
 
 
 def mm_rate(reps: int) -> float:
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--input-sets", type=int, default=1,
                     help="time the calls over this many input sets in turn (4: inputs come from memory, "
                          "not from the last call's caches)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the inputs' dtype (the torch.mm reference stays float32)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="one thread, process CPU time instead of wall time "
                          "(a busy machine: the work, not the waits)")
@@ -121,11 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     heads, D = args.heads, args.dim
     N = grid[0] * grid[1] * grid[2]
     torch.manual_seed(0)
-    sets = [make_inputs(grid, heads, D, args.heads_contiguous) for _ in range(args.input_sets)]
+    dtype = getattr(torch, args.dtype)
+    sets = [make_inputs(grid, heads, D, args.heads_contiguous, dtype) for _ in range(args.input_sets)]
     q, k, v = sets[0]
     arch = nuwa_kernels._build_info.BUILD.get("cpu_arch") if hasattr(nuwa_kernels, "_build_info") else "?"
     print(f"cpu: {cpu_model()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, "
           f"build {arch}{', heads contiguous' if args.heads_contiguous else ''}"
+          f"{f', inputs {args.dtype}' if dtype != torch.float32 else ''}"
           f"{f', {args.input_sets} input sets in turn' if args.input_sets > 1 else ''}")
     rate = mm_rate(args.reps)
     print(f"torch.mm fp32 1024^3: {rate:.1f} GFLOP/s")

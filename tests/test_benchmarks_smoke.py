@@ -314,10 +314,10 @@ def test_gpu_profile_rows(tmp_path, monkeypatch, capsys):
     assert names == ["nearby-triton", "full-sdpa-cudnn"]
 
 
-@pytest.mark.parametrize("layout", [[], ["--heads-contiguous"]])
+@pytest.mark.parametrize("layout", [[], ["--heads-contiguous"], ["--dtype", "bfloat16"]])
 def test_cpu_gemm_rate_runs(layout, capsys):
-    """benchmarks/cpu_gemm_rate.py on a tiny grid, both input layouts: a line per case with the share of
-    torch.mm, forward and forward+backward (the script issue 13's figures come from)."""
+    """benchmarks/cpu_gemm_rate.py on a tiny grid, both input layouts and a half dtype: a line per case with
+    the share of torch.mm, forward and forward+backward (the script issue 13's figures come from)."""
     if "cpu" not in nuwa_kernels.available_backends():
         pytest.skip("the fused CPU kernel is not built")
     from benchmarks import cpu_gemm_rate
@@ -325,7 +325,8 @@ def test_cpu_gemm_rate_runs(layout, capsys):
     cpu_gemm_rate.main(["--grid", "2,5,6", "--heads", "2", "--dim", "16", "--reps", "1", "--no-sdpa", "--bwd",
                         "--cases", "133,333c"] + layout)
     out = capsys.readouterr().out
-    assert ("heads contiguous" in out) == bool(layout)
+    assert ("heads contiguous" in out) == ("--heads-contiguous" in layout)
+    assert ("inputs bfloat16" in out) == ("bfloat16" in layout)
     lines = [ln for ln in out.splitlines() if " fwd " in ln]
     assert [ln.split()[0] for ln in lines] == ["133", "333c"]
     for ln in lines:
