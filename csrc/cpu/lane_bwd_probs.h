@@ -109,8 +109,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * Nk, Dv);
   const double work = double(pr.B) * heads * Nq * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
-  const int64_t nidx = 7 * box_max + box_axes;
-  parallel_tasks<A>(schedule_of(pr), ntask, work, sw.scratch, nidx, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(pr, ntask, work, sw.scratch, 7 * box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t qa = std::min(Nq, c * chunk_q), qb = std::min(Nq, qa + chunk_q);  // dQ's blocks

@@ -1236,7 +1236,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t nq_pad = round_up(g.Nq, L);
   const std::unique_ptr<A, void (*)(void*)> lse_rows(static_cast<A*>(pool_alloc(sizeof(A) * pr.B * heads * nq_pad)),
                                                      pool_free);  // uninitialised
-  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(pr, ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
@@ -1424,7 +1424,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const bool stream_dq = stream_rows<S, A>(dq, double(pr.B) * heads * g.Nq, D);
   const double work = double(pr.B) * heads * g.Nq * pr.win_max * (ds_in ? D : 2 * D + Dv);
   const A scale = static_cast<A>(pr.scale);
-  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(pr, ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
@@ -1572,7 +1572,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
                           stream_rows<S, A>(dv, double(pr.B) * heads_kv * g.Nq, Dv);
   const double work = double(pr.B) * pr.heads * g.Nk * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
-  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(pr, ntask, work, scratch, 4 * g.box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);

@@ -380,7 +380,7 @@ inline void prefetch_l2(const void* p) {
 // Calls whose query, key and value hold at most this many bytes together count as cache-resident: their
 // inputs stay in the caches between calls (or arrive there from the layer that wrote them). For them the
 // kernels issue no software prefetch (prefetch_wanted) and parallel_tasks keeps each thread on the same
-// tasks every call (Schedule::kOwnerFirst). Measured on the 2-core EPYC, float32, 8 heads, D = 64, two
+// tasks every call (its ranges per thread). Measured on the 2-core EPYC, float32, 8 heads, D = 64, two
 // threads, in-process alternation, medians of forward + backward ops (before -> after).
 // Prefetches off: (1,3,3) on 1x21x21 (NÜWA's image grid, 2.7 MB) 353 -> 341 us and 407 -> 370, 1x24x24
 // (3.5 MB) 479 -> 443, 2x16x16 (3.1 MB) 429 -> 434, (3,3,3) there 833 -> 802; past the bound, 1x28x28
@@ -494,6 +494,7 @@ struct Problem {
   int64_t inv_w_max = 1;  // widest inverse window on the w axis
   bool in_cache = false;  // inputs of at most kCachedInputBytes
   bool prefetch = true;   // software prefetches on (prefetch_wanted)
+  bool poison_scratch = false;  // NUWA_CPU_SCRATCH_POISON=1: the threads' scratch filled with NaN (Scratch)
 };
 
 void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -535,6 +536,8 @@ Problem make_problem(const at::Tensor& query, const at::Tensor& key, const at::T
   pr.in_cache = int64_t(query.numel()) * query.element_size() + int64_t(key.numel()) * key.element_size() +
                     int64_t(value.numel()) * value.element_size() <= kCachedInputBytes;
   pr.prefetch = prefetch_wanted(pr.in_cache);
+  const char* poison = std::getenv("NUWA_CPU_SCRATCH_POISON");
+  pr.poison_scratch = poison && poison[0] == '1';
   pr.win_max = 1;
   for (int a = 0; a < 3; ++a) {
     int64_t widest = 1;
@@ -584,39 +587,32 @@ struct CacheAligned {
 // Per-thread scratch: `a` in the accumulation type (64-byte aligned), `idx` for segment bounds and offsets.
 // `a` is not initialised (prepare): every kernel writes the scratch it reads, rings' rows outside the grid
 // included; zeroing it cost each parallel region a memset of up to a megabyte ((3,3,3) on NÜWA's grid:
-// 0.5 MB of rings per thread). NUWA_CPU_SCRATCH_POISON=1 fills it with NaN instead (read at every call),
-// for the tests that check that nothing reads it unwritten.
+// 0.5 MB of rings per thread). With `poison` (Problem::poison_scratch, NUWA_CPU_SCRATCH_POISON=1, read at
+// every call) it is filled with NaN instead, for the tests that check that nothing reads it unwritten.
 template <typename A>
 struct Scratch {
   std::vector<A, CacheAligned<A>> a;
   std::vector<int64_t> idx;
 
-  void prepare(int64_t na, int64_t nidx) {
+  void prepare(int64_t na, int64_t nidx, bool poison) {
     a.resize(na);
-    const char* e = std::getenv("NUWA_CPU_SCRATCH_POISON");
-    if (e && e[0] == '1') std::fill(a.begin(), a.end(), std::numeric_limits<A>::quiet_NaN());
+    if (poison) std::fill(a.begin(), a.end(), std::numeric_limits<A>::quiet_NaN());
     idx.assign(nidx, 0);
   }
 };
 
-// How parallel_tasks hands out its chunks: from one shared counter in turn (kShared), or each thread its
-// own contiguous range first, the same every call, then the others' (kOwnerFirst, for cache-resident
-// problems: a thread then runs the tasks, heads, whose rows the previous call left in its core's L2).
-enum class Schedule { kShared, kOwnerFirst };
-
-inline Schedule schedule_of(const Problem& pr) {
-  return pr.in_cache ? Schedule::kOwnerFirst : Schedule::kShared;
-}
-
 // Runs body(scratch, task) for task in [0, n) on at::get_num_threads() threads. The tasks are cut into
 // about 32 contiguous chunks per thread, consecutive tasks of a chunk being grid neighbours that share most
-// of their key rows (cache reuse), which the threads take from counters (`sched`) until none is left: a
-// thread slowed down (by causal windows with less work elsewhere, or by a busy machine) simply takes fewer
-// chunks. Deterministic all the same: every output element is written by exactly one task, whose
-// arithmetic does not depend on the thread that runs it. `work` (about the multiply-adds of the call)
-// keeps small calls on the calling thread, where starting a thread team would cost more.
+// of their key rows (cache reuse), which the threads take from counters until none is left: a thread
+// slowed down (by causal windows with less work elsewhere, or by a busy machine) simply takes fewer chunks.
+// The counters: one shared by all threads, or, for cache-resident problems (Problem::in_cache), one range
+// of chunks per thread that its thread takes first, the same every call (it then runs the tasks, heads,
+// whose rows the previous call left in its core's L2), then the others'. Deterministic all the same: every
+// output element is written by exactly one task, whose arithmetic does not depend on the thread that runs
+// it. `work` (about the multiply-adds of the call) keeps small calls on the calling thread, where starting
+// a thread team would cost more. The threads' scratch: Scratch::prepare.
 template <typename A, typename Body>
-void parallel_tasks(Schedule sched, int64_t n, double work, int64_t scratch_a, int64_t scratch_idx,
+void parallel_tasks(const Problem& pr, int64_t n, double work, int64_t scratch_a, int64_t scratch_idx,
                     const Body& body) {
   if (n <= 0) return;
   constexpr double kMinWorkPerThread = double(1 << 17);
@@ -628,8 +624,8 @@ void parallel_tasks(Schedule sched, int64_t n, double work, int64_t scratch_a, i
     std::atomic<int64_t> next;
     int64_t end;
   };
-  // kShared: one range of every chunk; kOwnerFirst: nt equal ranges, range t thread t's.
-  const int64_t nr = sched == Schedule::kOwnerFirst ? nt : 1;
+  // one range of every chunk, or (cache-resident) nt equal ranges, range t thread t's
+  const int64_t nr = pr.in_cache ? nt : 1;
   std::unique_ptr<Range[]> ranges(new Range[nr]);
   for (int64_t r = 0; r < nr; ++r) {
     ranges[r].next.store(nchunks * r / nr, std::memory_order_relaxed);
@@ -638,7 +634,7 @@ void parallel_tasks(Schedule sched, int64_t n, double work, int64_t scratch_a, i
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
     if (begin >= end) return;
     Scratch<A> sc;
-    sc.prepare(scratch_a, scratch_idx);
+    sc.prepare(scratch_a, scratch_idx, pr.poison_scratch);
     for (int64_t i = 0; i < nr; ++i) {  // its own range first (thread `begin` owns range `begin`)
       Range& r = ranges[(begin + i) % nr];
       for (int64_t c = r.next.fetch_add(1); c < r.end; c = r.next.fetch_add(1))
@@ -862,7 +858,7 @@ void fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Strides k
   // place (token stride apart) instead of being packed; a query's segment is a short sliding window
   // of tokens, so the rows stay in L1 between neighbouring queries without the copy.
   constexpr bool kDirect = kUnit && std::is_same<S, A>::value;
-  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(pr, ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
     const QueryRow r = query_row(pr, task);
     A* Qb = sc.a.data();        // [Wb, D]    queries of the block
     A* Ob = Qb + Wb * D;        // [Wb, Dv]   output accumulators
@@ -956,7 +952,7 @@ void bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Strid
   const int64_t ntask = pr.B * heads * T * H;
   const int64_t scratch = Wb * (2 * D + Dv + 2) + Wk * (D + Dv) + 4 * rb;
   const double work = double(ntask) * W * pr.win_max * (2 * D + Dv);
-  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(pr, ntask, work, scratch, 5 * Wb, [&](Scratch<A>& sc, int64_t task) {
     const QueryRow r = query_row(pr, task);
     A* Qb = sc.a.data();        // [Wb, D]   queries
     A* Gb = Qb + Wb * D;        // [Wb, Dv]  output gradients
@@ -1028,7 +1024,7 @@ void bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q, Stri
   const int64_t ntask = pr.B * heads_kv * Tk * Hk;
   const int64_t scratch = Kb_n * 2 * (D + Dv) + W * (D + Dv + 2) + 4 * rb;
   const double work = double(ntask) * Wk * pr.win_max * 2 * (D + Dv);  // inverse windows ~ windows
-  parallel_tasks<A>(schedule_of(pr), ntask, work, scratch, 3 * Kb_n, [&](Scratch<A>& sc, int64_t task) {
+  parallel_tasks<A>(pr, ntask, work, scratch, 3 * Kb_n, [&](Scratch<A>& sc, int64_t task) {
     const RowTask r = row_task(task, heads_kv, Tk, Hk);  // (b, kv head g, kt, kh)
     const int64_t b = r.b, g = r.head, kt = r.t, kh = r.h;
     A* Kb = sc.a.data();       // [nb, D]   keys of the block
