@@ -432,6 +432,12 @@ LANE_CASES = [
     Case("lanes-ds-store-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, heads=2, heads_kv=2, D=64, B=1),
     # a 7-wide window: the store takes 5.7x the query's elements (at most 8x)
     Case("lanes-ds-store-777", (7, 9, 11), kernel_size=7, heads=2, heads_kv=1, D=64, B=1),
+    # NATTEN's shifted windows with D=64: a block's runs are longer than any one query's window, and each
+    # group of four queries computes only its own part of a run (the rest of the group's scores 0)
+    Case("lanes-image-133-d64-shift", (2, 9, 23), kernel_size=(1, 3, 3), border="shift", heads=2, heads_kv=1, D=64,
+         B=1),
+    Case("lanes-335-d64-shift-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, border="shift", heads=2,
+         heads_kv=2, D=64, B=1),
 ]
 
 
@@ -495,7 +501,7 @@ PREFETCH_CASES = [  # the lane kernels (forward with kept probabilities and the 
 ]
 
 
-@pytest.mark.parametrize("case", [LANE_CASES[i] for i in (0, 1, -6, -2)] + PREFETCH_CASES[1:2],
+@pytest.mark.parametrize("case", [LANE_CASES[i] for i in (0, 1, 9, 13)] + PREFETCH_CASES[1:2],
                          ids=lambda c: c.id)
 def test_lane_kernels_thread_count_invariant(case):
     """The lane kernels cut each head into more tasks with more threads (different block alignment), and
@@ -540,7 +546,7 @@ def test_lane_tables_follow_the_window_geometry():
 
 # The probabilities the CPU forward keeps for the backward (na3d_fwd_probs / na3d_bwd_probs: small windows,
 # what csrc/autograd.cpp calls for CPU tensors that need gradients).
-PROBS_CASES = [LANE_CASES[-3], LANE_CASES[-2], Case("probs-image-133", (1, 13, 21), kernel_size=(1, 3, 3), D=64, B=1)]
+PROBS_CASES = [LANE_CASES[12], LANE_CASES[13], Case("probs-image-133", (1, 13, 21), kernel_size=(1, 3, 3), D=64, B=1)]
 
 
 def _probs_numel(q, k, v, rest):
@@ -590,7 +596,7 @@ def test_probs_pair_opcheck():
 def test_probs_pair_sizes_and_errors():
     """No probabilities where the lanes do not keep them (a (7,7,7) window: 5.7x the query's size, over the
     default bound; head dims not in whole vectors); probabilities of another call are refused."""
-    big = LANE_CASES[-1]
+    big = LANE_CASES[14]
     odd = Case("probs-odd-dim", (4, 9, 11), D=24, B=1)
     for case in (big, odd):
         q, k, v, *rest = _op_args(case)
@@ -772,7 +778,7 @@ def test_prefetch_switch_changes_no_bit(case, monkeypatch):
         assert rel_err(got, w) < TOLERANCE[torch.float32]
 
 
-SCRATCH_CASES = [LANE_CASES[i] for i in (1, 2, 9, 11, 12, 13)] + [
+SCRATCH_CASES = [LANE_CASES[i] for i in (1, 2, 9, 11, 12, 13, 15, 16)] + [
     c for c in CASES if c.id in ("cross-down-frame-causal", "d84-tails", "d5-scalar", "none-raster-shift")]
 
 

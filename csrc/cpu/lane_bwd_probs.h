@@ -216,7 +216,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
 #if defined(__AVX512F__)
           int64_t grs;
           const A* grows = block_rows_at<kUnit>(Gt, gr, gflat, q0, nv, gq.H, gq.W, &grs);
-          row_scores(Pb, grows, grs, vrows, vcol, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
+          row_scores(Pb, grows, grs, vrows, vcol, mask, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
 #endif
         } else {
           transposed_block<kUnit>(Gt, gr, gflat, q0, nv, gq.H, gq.W, A(1), tmp);
