@@ -438,7 +438,16 @@ LANE_CASES = [
          B=1),
     Case("lanes-335-d64-shift-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, border="shift", heads=2,
          heads_kv=2, D=64, B=1),
+    # head dims not in whole vectors: with AVX-512 the float lanes pack rows with zero tails (one vector of
+    # 40 -> 48, 24 -> 32 with a partial last store; 100 -> 112: a chunk of four vectors and one of three), the
+    # backward's sweep too where the forward keeps probabilities (the image window); float64 and the
+    # AVX2 build run the row kernels
+    Case("lanes-padded-d40-image-gqa", (2, 9, 23), kernel_size=(1, 3, 3), heads=4, heads_kv=2, D=40, B=2),
+    Case("lanes-padded-d24-333-shift-raster", (3, 7, 13), causal=True, border="shift", heads=2, heads_kv=2, D=24,
+         B=1),
+    Case("lanes-padded-d100-357", (4, 7, 9), kernel_size=(3, 5, 7), heads=2, heads_kv=1, D=100, B=1),
 ]
+PADDED_CASES = LANE_CASES[17:]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
@@ -582,6 +591,43 @@ def test_probs_pair_matches_the_recomputing_backward(case, dtype):
                 assert rel_err(a, b) < TOLERANCE[dtype]
 
 
+def _avx512_build() -> bool:
+    """Whether this build's CPU kernels use AVX-512 (row_scores; the float lanes then take any head dim)."""
+    arch = str(_extension_build().get("cpu_arch", ""))
+    if arch != "native":
+        return "v4" in arch or "avx512" in arch
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+def _extension_build() -> dict:
+    from nuwa_kernels import _build_info
+
+    return _build_info.BUILD
+
+
+@pytest.mark.skipif(not _avx512_build(), reason="the float lanes pad head dims only in AVX-512 builds")
+@pytest.mark.parametrize("case", [PADDED_CASES[0]], ids=lambda c: c.id)
+def test_padded_head_dims_keep_probabilities(case):
+    """Head dims not in whole vectors run the lanes in float32 (rows padded with zeros): the forward keeps
+    the probabilities and the backward's sweep over them gives the gradients of the recomputing row kernels
+    (na3d_bwd: the two-pass lane backward does not pad)."""
+    q, k, v, *rest = _op_args(case, torch.float32)
+    out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
+    assert probs.numel() == _probs_numel(q, k, v, rest) > 0
+    ref_out, ref_lse = torch.ops.nuwa_kernels.na3d_fwd(q, k, v, *rest)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    delta = (go * out).sum(-1)
+    want = torch.ops.nuwa_kernels.na3d_bwd(go, q, k, v, lse, delta, *rest)
+    got = torch.ops.nuwa_kernels.na3d_bwd_probs(go, q, k, v, lse, None, probs, *rest)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < TOLERANCE[torch.float32]
+
+
 def test_probs_pair_opcheck():
     case = PROBS_CASES[0]
     q, k, v, *rest = _op_args(case, torch.float64)
@@ -595,11 +641,14 @@ def test_probs_pair_opcheck():
 
 def test_probs_pair_sizes_and_errors():
     """No probabilities where the lanes do not keep them (a (7,7,7) window: 5.7x the query's size, over the
-    default bound; head dims not in whole vectors); probabilities of another call are refused."""
+    default bound; (3,3,3) with D = 24: 27 pairs against 24 elements per query; head dims not in whole
+    vectors in float64, or without AVX-512); probabilities of another call are refused."""
     big = LANE_CASES[14]
-    odd = Case("probs-odd-dim", (4, 9, 11), D=24, B=1)
-    for case in (big, odd):
-        q, k, v, *rest = _op_args(case)
+    small_d = Case("probs-small-dim", (4, 9, 11), D=24, B=1)
+    odd = Case("probs-odd-dim", (2, 9, 11), kernel_size=(1, 3, 3), D=20, B=1)
+    for case, dtype in ((big, torch.float32), (small_d, torch.float32), (odd, torch.float64)) + (
+            () if _avx512_build() else ((odd, torch.float32),)):
+        q, k, v, *rest = _op_args(case, dtype)
         assert _probs_numel(q, k, v, rest) == 0
         assert torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)[2].numel() == 0
     q, k, v, *rest = _op_args(PROBS_CASES[0])
@@ -778,7 +827,7 @@ def test_prefetch_switch_changes_no_bit(case, monkeypatch):
         assert rel_err(got, w) < TOLERANCE[torch.float32]
 
 
-SCRATCH_CASES = [LANE_CASES[i] for i in (1, 2, 9, 11, 12, 13, 15, 16)] + [
+SCRATCH_CASES = [LANE_CASES[i] for i in (1, 2, 9, 11, 12, 13, 15, 16, 17, 18, 19)] + [
     c for c in CASES if c.id in ("cross-down-frame-causal", "d84-tails", "d5-scalar", "none-raster-shift")]
 
 

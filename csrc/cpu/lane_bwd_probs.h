@@ -45,7 +45,8 @@ struct ProbsSweep {
     constexpr int L = kLanes<A>;
     constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
     using Ring = RowRing<A, true, A>;  // sizes do not depend on the input type
-    const int64_t D = pr.D, Dv = pr.Dv, X = std::max(D, Dv);
+    // rows padded to whole vectors (lane_fwd_ok's head dims; the same dims otherwise)
+    const int64_t D = round_up(pr.D, L), Dv = round_up(pr.Dv, L), X = std::max(D, Dv);
     ProbsSweep s;
     s.lag = round_up(std::max<int64_t>(gk.smax, 0), L);
     s.RL = round_up(s.lag + L - std::min<int64_t>(gk.smin, 0), L);
@@ -83,6 +84,9 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
   const LaneGeom gq = lane_geom(pr);                        // query blocks: Nq queries, Nk keys
   const LaneGeom gk = lane_geom(pr, /*key_side=*/true);    // key blocks: Nq keys, Nk queries
   const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads, heads_kv = pr.heads_kv, group = pr.group;
+  // Head dims that are not whole vectors (AVX-512 float, lane_fwd_ok) run on rows packed with zero tails to
+  // Dp, Dvp; the gradients' rows are stored to D, Dv.
+  const int64_t Dp = round_up(D, L), Dvp = round_up(Dv, L);
   const int64_t Nq = gq.Nq, Nk = gk.Nq;
   // Chunks: the same count on both sides, so that task c owns query chunk c (dQ) and key chunk c (dK, dV).
   const int64_t chunk_q = lane_task_chunk<L>(pr, Nq), chunk_k = lane_task_chunk<L>(pr, Nk);
@@ -98,7 +102,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
   // AVX-512 float: dP by row_scores from V's rows; otherwise lane_scores from a V^T ring (same slots as K's).
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   const int64_t box_max = std::max(gq.box_max, gk.box_max), sbuf = sw.sbuf;
-  const int64_t X = std::max(D, Dv);
+  const int64_t X = std::max(Dp, Dvp);
   const int64_t box_axes = std::max(gq.box_axes(), gk.box_axes());
   const std::shared_ptr<const LaneTables> tq = lane_tables<L, false>(pr, gq, &ds);
   const std::shared_ptr<const LaneTables> tk = lane_tables<L, true>(pr, gk, &ds);
@@ -137,14 +141,14 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
     p += group * ring_elems;
     A* Sb = p;          // [entries][L] P
     A* Pb = Sb + sbuf;  // [entries][L] dP, then dS
-    A* Gt = Pb + sbuf;  // [Dv][L] or [L][Dv] the block's output gradients (packed when not in place)
-    A* tmp = Gt + Dv * L;  // [L][max(D, Dv)]
+    A* Gt = Pb + sbuf;  // [Dv][L] or [L][Dvp] the block's output gradients (packed when not in place)
+    A* tmp = Gt + Dvp * L;  // [L][max(Dp, Dvp)]
     A* fac = tmp + L * X;  // [L] scale
     A* one = fac + L;      // [L] 1
     A* del_v = one + L;    // [L] dLSE
     [[maybe_unused]] A* pbuf = del_v + L;  // row_scores' partial sums
-    A* dKs = pbuf + sw.part;  // [L][D]  dK sums over the group's heads but the last
-    A* dVs = dKs + L * D;  // [L][Dv] dV sums
+    A* dKs = pbuf + sw.part;  // [L][Dp]  dK sums over the group's heads but the last
+    A* dVs = dKs + L * Dp;  // [L][Dvp] dV sums
     std::fill(dsr, dsr + group * ring_elems, A(0));  // masked lanes read slots no query step wrote
     for (int i = 0; i < L; ++i) fac[i] = scale, one[i] = A(1);
     int64_t* shift_buf = sc.idx.data();
@@ -161,7 +165,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
       return et.template get<L, decltype(key_side)::value>(pr, g, x0, nv, shift, mask, shift_buf, mask_buf, mt,
                                                            mh, mw);
     };
-    const HeadRows<S> kh = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
+    const HeadRows<S> kh = head_rows(k, ks, b, gh, D, Dp), vh = head_rows(v, vs, b, gh, Dv, Dvp);
     const int64_t first_q = std::max<int64_t>(slo + gq.smin, -L), first_k = std::max<int64_t>(ka + gk.smin, -L);
     RowRing<S, kUnit, A> krow, vrow;  // vrow with row_scores, vtr otherwise (krow's slots)
     TransposedRing<S, kUnit, A> vtr;
@@ -173,9 +177,9 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
     std::vector<RowRing<S, kUnit, A>> qrow(group), grow(group);
     for (int64_t j = 0; j < group; ++j) {
       qrow[j].init(qbuf + j * sw.q_ring, gk, L, first_k,
-                   head_rows(q, qs, b, gh * group + j, D));
+                   head_rows(q, qs, b, gh * group + j, D, Dp));
       grow[j].init(gbuf + j * sw.g_ring, gk, L, first_k,
-                   head_rows(go, gs, b, gh * group + j, Dv));
+                   head_rows(go, gs, b, gh * group + j, Dv, Dvp));
     }
 
     // Query block q0 (slo <= q0 < shi): dS into the rings; dQ when qa <= q0 < qb.
@@ -200,7 +204,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
       const int64_t s0 = q0 % RL;  // the block's slot in the dS rings
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
         const int64_t hb = ds.base(b, head, heads) + q0;  // the forward's P of the block
-        const HeadRows<S> gr = head_rows(go, gs, b, head, Dv);
+        const HeadRows<S> gr = head_rows(go, gs, b, head, Dv, Dvp);
         {  // the next head's (or block's) output-gradient rows, and P kDsAhead blocks ahead
           const bool more = head + 1 < (gh + 1) * group;
           const int64_t nh = more ? head + 1 : gh * group, pa = more ? q0 : q0 + L;
@@ -216,7 +220,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
 #if defined(__AVX512F__)
           int64_t grs;
           const A* grows = block_rows_at<kUnit>(Gt, gr, gflat, q0, nv, gq.H, gq.W, &grs);
-          row_scores(Pb, grows, grs, vrows, vcol, mask, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
+          row_scores(Pb, grows, grs, vrows, vcol, mask, n, Dvp, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
 #endif
         } else {
           transposed_block<kUnit>(Gt, gr, gflat, q0, nv, gq.H, gq.W, A(1), tmp);
@@ -240,8 +244,8 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
           if (s0 == 0) vst(ring + rr[e] * ldr + RL, x);  // the mirror: unaligned vectors stay contiguous
         }
         if (own)  // dQ = scale dS K, straight into dQ's rows
-          pv_rows_to(stream_dq, dq + ((b * Nq + q0) * heads + head) * D, heads * D, fac, Pb, krows, D, col, mask,
-                     n, nv, static_cast<const A*>(nullptr), 0, krs);
+          pv_rows_to(stream_dq, dq + ((b * Nq + q0) * heads + head) * D, heads * D, fac, Pb, krows, Dp, col, mask,
+                     n, nv, static_cast<const A*>(nullptr), 0, krs, D);
       }
     };
 
@@ -269,12 +273,13 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;
         if (j + 1 == group) {
-          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grows, Dv, qcol, mask, n, nv, init_v, Dv,
-                     grs);
-          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrows, D, qcol, mask, n, nv, init_k, D, qrs);
+          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grows, Dvp, qcol, mask, n, nv, init_v, Dvp,
+                     grs, Dv);
+          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrows, Dp, qcol, mask, n, nv, init_k, Dp, qrs,
+                     D);
         } else {
-          lane_pv_rows(dVs, Dv, one, Sb, grows, Dv, qcol, mask, n, nv, init_v, Dv, grs);
-          lane_pv_rows(dKs, D, one, Pb, qrows, D, qcol, mask, n, nv, init_k, D, qrs);
+          lane_pv_rows(dVs, Dvp, one, Sb, grows, Dvp, qcol, mask, n, nv, init_v, Dvp, grs);
+          lane_pv_rows(dKs, Dp, one, Pb, qrows, Dp, qcol, mask, n, nv, init_k, Dp, qrs);
         }
       }
     };

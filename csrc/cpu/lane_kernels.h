@@ -393,8 +393,8 @@ inline void for_each_segment(int64_t a, int64_t b, int64_t H, int64_t W, const F
   }
 }
 
-// Reads tokens [a, b) of one head (rows of X elements) as contiguous rows of the accumulation type,
-// either in place (`direct`: pointer to token a, row stride) or packed into `buf`.
+// Reads tokens [a, b) of one head (rows of X elements) as rows of the accumulation type, either in place
+// (`direct`: pointer to token a, row stride) or packed into `buf` (rows of hr.Xp elements).
 template <typename S, bool kUnit, typename A>
 struct TokenRows {
   const A* p;
@@ -408,9 +408,9 @@ inline TokenRows<S, kUnit, A> token_rows(const HeadRows<S>& hr, bool direct, int
     if (direct) return {reinterpret_cast<const A*>(hr.at(0, 0, 0)) + a * hr.st.s[3], hr.st.s[3]};
   }
   for_each_segment(a, b, H, W, [&](int64_t t, int64_t h, int64_t w, int64_t n, int64_t pos) {
-    hr.template gather<kUnit>(buf + (pos - a) * hr.X, t, h, w, n);
+    hr.template gather<kUnit>(buf + (pos - a) * hr.Xp, t, h, w, n);
   });
-  return {buf, hr.X};
+  return {buf, hr.Xp};
 }
 
 // Prefetches the rows of tokens [a, b) of one head, flat indices of the grid g (unless g.prefetch is off).
@@ -493,6 +493,16 @@ constexpr bool kRowScores = true;
 #else
 constexpr bool kRowScores = false;
 #endif
+// Whether the lane forward runs this problem: lane_ok's problems, and with row_scores (AVX-512, float
+// accumulation) any head dims, on rows packed with zero tails to whole vectors (lane_fwd_kernel). The
+// backward keeps lane_ok's bound (its rings and dS stores take whole vectors), and then the forward keeps
+// no probabilities for it. NÜWA (1,3,3), 10x21x21, 8 heads, D = 40: see DESIGN.md.
+template <typename A>
+inline bool lane_fwd_ok(const Problem& pr) {
+  return lane_ok<A>(pr) || (kRowScores && std::is_same<A, float>::value && pr.p.k_len[1] == pr.p.q_len[1] &&
+                            pr.p.k_len[2] == pr.p.q_len[2] && pr.D > 0 && pr.Dv > 0);
+}
+
 // Entries of a batch (whole runs of consecutive key rows, as many as fit), whose partial sums wait in
 // scratch (kRowScoreBatch * 4 registers, one per four queries) for the rest of the transposed reduction.
 constexpr int kRowScoreBatch = 9;
@@ -939,7 +949,7 @@ struct TransposedRing {
 };
 
 // Key (or value) rows of one head in a ring, in their natural layout converted to the accumulation type:
-// column (flat key index) c lives in row (c - origin) mod R of `buf` (rows of X elements; rows [0, L) are
+// column (flat key index) c lives in row (c - origin) mod R of `buf` (rows of hr.Xp elements; rows [0, L) are
 // mirrored at [R, R + L) so that the L rows of consecutive columns starting at any slot are contiguous).
 // Columns outside the key grid are zero rows. Advances with the query blocks like TransposedRing.
 template <typename S, bool kUnit, typename A>
@@ -963,7 +973,7 @@ struct RowRing {
   }
   void advance(int64_t need) {
     constexpr int L = kLanes<A>;
-    const int64_t X = hr.X;
+    const int64_t X = hr.Xp;
     while (hi < need) {
       const int64_t slot = (hi - origin) % R;
       const int64_t a = std::max<int64_t>(hi, 0), b = std::min<int64_t>(hi + L, g->Nk);
@@ -1033,6 +1043,31 @@ inline bool direct_rows_ok(const Problem& pr, const LaneGeom& g, const Strides& 
          X == 4 * kLanes<A> && pr.win_max <= kDirectKeys && flat_strides(st, g.H, g.W);
 }
 
+// o[0, n) = the first n < L lanes of y, converted as vstore converts (static_cast<S>).
+template <typename S, typename A>
+__attribute__((always_inline)) inline void store_head(S* o, const Vec<A>& y, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<S, float>::value && std::is_same<A, float>::value) {
+    __m512 x;
+    std::memcpy(&x, &y, sizeof(x));
+    _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << n) - 1), x);
+    return;
+  }
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+  if constexpr (sizeof(S) == 2 && std::is_same<A, float>::value) {
+    alignas(32) S t[kLanes<A>];
+    vstore<S, A>(t, y);
+    const __m256i h = _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+    _mm256_mask_storeu_epi16(o, static_cast<__mmask16>((1u << n) - 1), h);
+    return;
+  }
+#endif
+  alignas(64) A t[kLanes<A>];
+  vst(t, y);
+  for (int64_t k = 0; k < n; ++k) o[k] = static_cast<S>(t[k]);
+}
+
 // out[i] (row i < nv of the block, row stride ors) = f[i] * sum_e P[e * L + i] * row(col[e] + i) over the
 // entries e, in entry order; row(c) = rows + c * rs (rs_: the rows' stride, in place; 0: X, a RowRing). P
 // is 0 on the masked lanes (which add exact
@@ -1043,11 +1078,11 @@ inline bool direct_rows_ok(const Problem& pr, const LaneGeom& g, const Strides& 
 // a group's heads this way, one head after the other). kX: X as a compile-time constant (0: X at run time),
 // so that the rows' offsets are immediates (a run-time X left GCC short of registers: it kept offsets in
 // vector registers and moved them back per entry, on the FMA ports).
-template <int QB, int NB, bool kStream, int kX, typename S, typename A>
+template <int QB, int NB, bool kStream, int kX, bool kTail, typename S, typename A>
 __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, const A* f, const A* __restrict P,
                                                          const A* __restrict rows, int64_t X_, int64_t d0, int i,
                                                          const int64_t* col, const uint32_t* mask, int64_t n,
-                                                         const A* init, int64_t irs, int64_t rs_) {
+                                                         const A* init, int64_t irs, int64_t rs_, int64_t xs) {
   constexpr int L = kLanes<A>;
   const int64_t X = kX ? kX : X_;
   const int64_t rs = rs_ ? rs_ : X;  // the rows' stride
@@ -1129,44 +1164,74 @@ __attribute__((always_inline)) inline void pv_rows_group(S* out, int64_t ors, co
     S* o = out + (i + u) * ors + d0;
     for (int j = 0; j < NB; ++j) {
       const Vec<A> y = acc[u][j] * fu;
-      if constexpr (std::is_same<S, A>::value)
+      if constexpr (kTail) {  // rows padded to whole vectors past xs: the last one stored in part
+        const int64_t left = xs - d0 - j * L;
+        if (left >= L)
+          vstore<S, A>(o + j * L, y);
+        else if (left > 0)
+          store_head<S, A>(o + j * L, y, left);
+      } else if constexpr (std::is_same<S, A>::value) {
         vst_to(kStream, o + j * L, y);  // non-temporal: no read for ownership of lines not cached
-      else
+      } else {
         vstore<S, A, kStream>(o + j * L, y);
+      }
     }
   }
 }
 
-template <int NB, bool kStream, int kX = 0, typename S, typename A>
+template <int NB, bool kStream, int kX = 0, bool kTail = false, typename S, typename A>
 inline void pv_rows_chunk(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, int64_t d0,
                           const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init, int64_t irs,
-                          int64_t rs) {
+                          int64_t rs, int64_t xs) {
   // Accumulators QB * NB registers: 16 of AVX-512's 32, 8 of AVX2's 16.
   constexpr int QB = kVecBytes == 64 ? (NB == 3 ? 2 : 4) : (NB <= 2 ? 4 : 2);
   int i = 0;
   for (; i + QB <= nv; i += QB)
-    pv_rows_group<QB, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs, rs);
-  for (; i < nv; ++i) pv_rows_group<1, NB, kStream, kX>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs, rs);
+    pv_rows_group<QB, NB, kStream, kX, kTail>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs, rs, xs);
+  for (; i < nv; ++i)
+    pv_rows_group<1, NB, kStream, kX, kTail>(out, ors, f, P, rows, X, d0, i, col, mask, n, init, irs, rs, xs);
 }
 
+// The head dim in chunks of up to four vectors (X a multiple of L), each chunk's rows kept in registers.
+template <bool kStream, bool kTail, typename S, typename A>
+inline void pv_rows_chunks(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, const int64_t* col,
+                           const uint32_t* mask, int64_t n, int nv, const A* init, int64_t irs, int64_t rs,
+                           int64_t xs) {
+  constexpr int L = kLanes<A>;
+  int64_t d0 = 0;
+  for (; d0 + 4 * L <= X; d0 += 4 * L)
+    pv_rows_chunk<4, kStream, 0, kTail>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs, xs);
+  const auto rest = [&](auto nb) {
+    pv_rows_chunk<decltype(nb)::value, kStream, 0, kTail>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs,
+                                                          rs, xs);
+  };
+  switch ((X - d0) / L) {
+    case 3: rest(std::integral_constant<int, 3>{}); break;
+    case 2: rest(std::integral_constant<int, 2>{}); break;
+    case 1: rest(std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
+// xs (0: X): the output rows' length, when the products' rows are padded with zeros to X (whole vectors)
+// past it (lane_fwd_ok's head dims; their rows are never streamed: not 64-byte multiples).
 template <bool kStream = false, typename S, typename A>
 inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, const int64_t* col,
                          const uint32_t* mask, int64_t n, int nv, const A* init = nullptr, int64_t irs = 0,
-                         int64_t rs = 0) {
+                         int64_t rs = 0, int64_t xs = 0) {
   constexpr int L = kLanes<A>;
+  if constexpr (!kStream) {
+    if (xs && xs != X) {  // the last vector of each row stored in part (a separate instantiation: a branch in
+      // the stores of whole rows slowed the bfloat16 ones by a fifth)
+      pv_rows_chunks<false, true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs, xs);
+      return;
+    }
+  }
   if (X == 4 * L) {  // one chunk of the head dim (float D = 64 with AVX-512): the row stride in immediates
-    pv_rows_chunk<4, kStream, 4 * L>(out, ors, f, P, rows, X, 0, col, mask, n, nv, init, irs, rs);
+    pv_rows_chunk<4, kStream, 4 * L>(out, ors, f, P, rows, X, 0, col, mask, n, nv, init, irs, rs, X);
     return;
   }
-  int64_t d0 = 0;
-  for (; d0 + 4 * L <= X; d0 += 4 * L)
-    pv_rows_chunk<4, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs);
-  switch ((X - d0) / L) {
-    case 3: pv_rows_chunk<3, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs); break;
-    case 2: pv_rows_chunk<2, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs); break;
-    case 1: pv_rows_chunk<1, kStream>(out, ors, f, P, rows, X, d0, col, mask, n, nv, init, irs, rs); break;
-    default: break;
-  }
+  pv_rows_chunks<kStream, false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs, X);
 }
 
 // lane_pv_rows with non-temporal row stores when `stream` (stream_rows), regular ones otherwise. Each group
@@ -1178,11 +1243,11 @@ inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* r
 template <typename S, typename A>
 inline void pv_rows_to(bool stream, S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X,
                        const int64_t* col, const uint32_t* mask, int64_t n, int nv, const A* init = nullptr,
-                       int64_t irs = 0, int64_t rs = 0) {
+                       int64_t irs = 0, int64_t rs = 0, int64_t xs = 0) {
   if (stream)
-    lane_pv_rows<true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs);
+    lane_pv_rows<true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs, xs);
   else
-    lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs);
+    lane_pv_rows<false>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs, xs);
 }
 
 // Rows of tokens [a, a + nv) of one head into dst [L][X] (row_scores' query side), rows nv..L-1 zero.
@@ -1190,7 +1255,7 @@ template <bool kUnit, typename S, typename A>
 inline void block_rows(A* dst, const HeadRows<S>& hr, int64_t a, int nv, int64_t H, int64_t W) {
   constexpr int L = kLanes<A>;
   token_rows<kUnit>(hr, false, a, a + nv, H, W, dst);
-  if (nv < L) std::fill(dst + nv * hr.X, dst + L * hr.X, A(0));
+  if (nv < L) std::fill(dst + nv * hr.Xp, dst + L * hr.Xp, A(0));
 }
 
 // The block's rows for row_scores' query side, row stride in *rs: read in place when they are rows of
@@ -1202,13 +1267,13 @@ template <bool kUnit, typename S, typename A>
 inline const A* block_rows_at(A* buf, const HeadRows<S>& hr, bool flat, int64_t a, int nv, int64_t H, int64_t W,
                               int64_t* rs) {
   if constexpr (kUnit && std::is_same<S, A>::value) {
-    if (flat && nv == kLanes<A>) {
+    if (flat && nv == kLanes<A> && hr.Xp == hr.X) {
       *rs = hr.st.s[3];
       return reinterpret_cast<const A*>(hr.at(0, 0, 0)) + a * hr.st.s[3];
     }
   }
   block_rows<kUnit>(buf, hr, a, nv, H, W);
-  *rs = hr.X;
+  *rs = hr.Xp;
   return buf;
 }
 
@@ -1221,7 +1286,10 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
-  const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads, group = pr.group;
+  const int64_t Dv = pr.Dv, heads = pr.heads, group = pr.group;
+  // Head dims that are not whole vectors (lane_fwd_ok: AVX-512 float only) run on rows packed with zero
+  // tails to D rounded up (the products then add exact zeros), the output rows stored to Dv.
+  const int64_t D = round_up(pr.D, L), Dvp = round_up(Dv, L);
   // Chunks of queries per (batch, kv head): enough tasks for the threads (the forward's results do not
   // depend on the chunking: each query's entries are summed in shift order, masked ones adding zeros).
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
@@ -1231,17 +1299,17 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t ntask = pr.B * pr.heads_kv * nch;
   const bool kflat = flat_strides(ks, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
   const bool v_direct = direct_rows_ok<S, kUnit, A>(pr, g, vs, Dv);  // P V's value rows in place
-  const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, D);   // the scores' key rows in place
+  const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, pr.D);   // the scores' key rows in place
   // AVX-512 float: keys as rows and row_scores; otherwise K^T columns and lane_scores.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   using KRing = typename std::conditional<kRows, RowRing<S, kUnit, A>, TransposedRing<S, kUnit, A>>::type;
   const int64_t R = TransposedRing<S, kUnit, A>::size_for(g, L);
   const int64_t ring = R + 3 * L;
   const int64_t sbuf = g.box_max * L;
-  const int64_t X = std::max(D, Dv);
+  const int64_t X = std::max(D, Dvp);
   const int64_t kring = kRows ? RowRing<S, kUnit, A>::elems(g, L, D) : D * ring;
   const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;  // row_scores' partial sums
-  const int64_t scratch = kring + RowRing<S, kUnit, A>::elems(g, L, Dv) + part + D * L + sbuf + L * X + 2 * L;
+  const int64_t scratch = kring + RowRing<S, kUnit, A>::elems(g, L, Dvp) + part + D * L + sbuf + L * X + 2 * L;
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, probs ? ps : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& psr = tables->rows;
@@ -1282,15 +1350,15 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     std::vector<int32_t> prow_entry(probs ? ps->rows : 0);  // the block's entry of each row of the store, or -1
     KRing kr;
     RowRing<S, kUnit, A> vr;
-    const HeadRows<S> kh = head_rows(k, ks, b, gh, D);
+    const HeadRows<S> kh = head_rows(k, ks, b, gh, pr.D, D);
     if constexpr (kRows)
       kr.init(kbuf, g, L, first_col, kh);
     else
       kr.init(kbuf, g, L, first_col, kh, kflat);
-    const HeadRows<S> vh = head_rows(v, vs, b, gh, Dv);
+    const HeadRows<S> vh = head_rows(v, vs, b, gh, Dv, Dvp);
     vr.init(kbuf + kring, g, L, first_col, vh);
     std::vector<int64_t> vcol(g.box_max);  // the value rows' columns of the block
-    [[maybe_unused]] A* pbuf = kbuf + kring + RowRing<S, kUnit, A>::elems(g, L, Dv);
+    [[maybe_unused]] A* pbuf = kbuf + kring + RowRing<S, kUnit, A>::elems(g, L, Dvp);
     const Vec<A> ninf = vsplat(-std::numeric_limits<A>::infinity());
     for (int64_t q0 = qa; q0 < qb; q0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, qb - q0));
@@ -1316,11 +1384,11 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
       }
       // Grouped heads share the block's keys, values and entries.
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
-        const HeadRows<S> qh = head_rows(q, qs, b, head, D);
+        const HeadRows<S> qh = head_rows(q, qs, b, head, pr.D, D);
         if (head + 1 < (gh + 1) * group)
-          prefetch_tokens(head_rows(q, qs, b, head + 1, D), q0, q0 + nv, g);
+          prefetch_tokens(head_rows(q, qs, b, head + 1, pr.D), q0, q0 + nv, g);
         else if (q0 + L < qb)
-          prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g);
+          prefetch_tokens(head_rows(q, qs, b, gh * group, pr.D), q0 + L, std::min(qb, q0 + 2 * L), g);
         if constexpr (kRows) {  // the block's query rows (packed: rows past the block zeros)
 #if defined(__AVX512F__)
           int64_t qrs;
@@ -1364,8 +1432,8 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
         }
         // out = P V, in the natural layout: value rows in place or from the ring, straight into the output rows.
         S* orow = out + ((b * g.Nq + q0) * heads + head) * Dv;
-        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dv, vcol.data(), mask, n, nv,
-                   static_cast<const A*>(nullptr), 0, vrs);
+        pv_rows_to(stream_out, orow, heads * Dv, inv_l, Sb, vrows, Dvp, vcol.data(), mask, n, nv,
+                   static_cast<const A*>(nullptr), 0, vrs, Dv);
       }
     }
 #if defined(__AVX512F__)

@@ -346,22 +346,33 @@ inline void axpy_rows(A* __restrict acc, const A* __restrict c, const A* __restr
   }
 }
 
-// Packs n tokens of one head, src[j * xs + d * ds], into contiguous rows dst[j * D + d] of the
-// accumulation type. Inputs keep their strides (no copy of whole tensors): only the rows a block of
-// work needs are packed, which also keeps the kernels clear of the cache-set conflicts of power-of-two
-// token strides and converts half types once per row instead of once per use.
+// Packs n tokens of one head, src[j * xs + d * ds], into rows dst[j * ys + d] of the accumulation type
+// (ys >= D; elements [D, ys) of each row zero: rows padded to whole vectors). Inputs keep their strides
+// (no copy of whole tensors): only the rows a block of work needs are packed, which also keeps the
+// kernels clear of the cache-set conflicts of power-of-two token strides and converts half types once per
+// row instead of once per use.
 template <bool kUnit, typename A, typename S>
-inline void pack_rows(A* __restrict dst, const S* __restrict src, int64_t n, int64_t xs, int64_t ds, int64_t D) {
+inline void pack_rows(A* __restrict dst, const S* __restrict src, int64_t n, int64_t xs, int64_t ds, int64_t D,
+                      int64_t ys) {
   constexpr int L = kLanes<A>;
   const int64_t Dm = D - D % L;
   for (int64_t j = 0; j < n; ++j) {
     const S* x = src + j * xs;
-    A* y = dst + j * D;
+    A* y = dst + j * ys;
     for (int64_t d = 0; d < Dm; d += L) {
       const Vec<A> v = vload<kUnit, A>(x + (kUnit ? d : d * ds), ds);
       std::memcpy(y + d, &v, sizeof(v));
     }
+#if defined(__AVX512F__)
+    if constexpr (kUnit && std::is_same<S, float>::value && std::is_same<A, float>::value) {
+      if (Dm < D && ys == Dm + L) {  // the tail and its zeros: one masked load
+        _mm512_storeu_ps(y + Dm, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (D - Dm)) - 1), x + Dm));
+        continue;
+      }
+    }
+#endif
     for (int64_t d = Dm; d < D; ++d) y[d] = to_acc<A>(x[kUnit ? d : d * ds]);
+    for (int64_t d = D; d < ys; ++d) y[d] = A(0);
   }
 }
 
@@ -743,12 +754,13 @@ struct HeadRows {
   const T* base;
   Strides st;
   int64_t X;
+  int64_t Xp;  // packed rows' length: X, or X padded with zeros to whole vectors (the lane forward's rows)
 
   const T* at(int64_t t, int64_t h, int64_t w) const { return base + t * st.s[1] + h * st.s[2] + w * st.s[3]; }
-  // Packs the n tokens (t, h, w), (t, h, w + 1), ... into contiguous rows of dst (pack_rows).
+  // Packs the n tokens (t, h, w), (t, h, w + 1), ... into rows of Xp elements of dst (pack_rows).
   template <bool kUnit, typename A>
   void gather(A* dst, int64_t t, int64_t h, int64_t w, int64_t n) const {
-    pack_rows<kUnit>(dst, at(t, h, w), n, st.s[3], st.s[5], X);
+    pack_rows<kUnit>(dst, at(t, h, w), n, st.s[3], st.s[5], X, Xp);
   }
   void prefetch(int64_t t, int64_t h, int64_t w, int64_t n) const { prefetch_rows(at(t, h, w), n, st.s[3], st.s[5], X); }
   // dst[j] = element 0 of token (t, h, w + j) for j < n (lse / delta rows).
@@ -759,8 +771,9 @@ struct HeadRows {
 };
 
 template <typename T>
-inline HeadRows<T> head_rows(const T* p, const Strides& st, int64_t b, int64_t head, int64_t X) {
-  return HeadRows<T>{p + b * st.s[0] + head * st.s[4], st, X};
+inline HeadRows<T> head_rows(const T* p, const Strides& st, int64_t b, int64_t head, int64_t X,
+                             int64_t Xp = 0) {
+  return HeadRows<T>{p + b * st.s[0] + head * st.s[4], st, X, Xp ? Xp : X};
 }
 
 // Stores the nb rows of X elements of src into a contiguous (..., heads, X) output at tokens tok0 + i
@@ -1144,7 +1157,7 @@ inline int64_t probs_per_query() {
 template <typename A>
 int64_t lane_pair_store_elems(const Problem& pr, int64_t per_query, bool sweep = false) {
   constexpr int L = kLanes<A>;
-  if (!lanes_enabled() || !lane_ok<A>(pr)) return 0;
+  if (!lanes_enabled() || !lane_fwd_ok<A>(pr)) return 0;
   const LaneGeom gq = lane_geom(pr), gk = lane_geom(pr, /*key_side=*/true);
   if (!EntryTable::fits<L>(gq) || !EntryTable::fits<L>(gk)) return 0;
   if (sweep && !probs_sweep_fits<A>(pr, gq, gk)) return 0;
@@ -1210,7 +1223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_impl(const at::Tensor& q
     const scalar_t* qp = query.const_data_ptr<scalar_t>();
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
-    const bool lanes = lanes_enabled() && lane_ok<A>(pr);
+    const bool lanes = lanes_enabled() && lane_fwd_ok<A>(pr);
     const int64_t np = want_probs ? lane_probs_elems<A>(pr, probs_per_query()) : 0;
     DsStore ps;
     if (np > 0) {
@@ -1312,7 +1325,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
     const A* dlp = delta.defined() ? delta.const_data_ptr<A>() : nullptr;  // with probs: dLSE, or none
     const Strides gs = strides_of(go), qs = strides_of(query), ks = strides_of(key), vs = strides_of(value);
     const Strides ls = strides_of(lse), dls = delta.defined() ? strides_of(delta) : ls;
-    const bool lanes = lanes_enabled() && lane_ok<A>(pr);
+    // Head dims that are not whole vectors (lane_fwd_ok): the sweep with the forward's probabilities pads
+    // its rows, the two-pass lane backward does not (the row kernels take those calls).
+    const bool lanes = lanes_enabled() && (lane_ok<A>(pr) || (with_probs && lane_fwd_ok<A>(pr) &&
+                                                               lane_pair_store_elems<A>(pr, kDsPerQuery) > 0));
     with_unit(unit, [&](auto u) {
       constexpr bool kUnit = decltype(u)::value;
       if (lanes) {
