@@ -1220,7 +1220,7 @@ inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* r
                          const uint32_t* mask, int64_t n, int nv, const A* init = nullptr, int64_t irs = 0,
                          int64_t rs = 0, int64_t xs = 0) {
   constexpr int L = kLanes<A>;
-  if constexpr (!kStream) {
+  if constexpr (!kStream && kRowScores && std::is_same<A, float>::value) {  // lane_fwd_ok's padded rows
     if (xs && xs != X) {  // the last vector of each row stored in part (a separate instantiation: a branch in
       // the stores of whole rows slowed the bfloat16 ones by a fifth)
       pv_rows_chunks<false, true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs, xs);
