@@ -438,14 +438,16 @@ LANE_CASES = [
          B=1),
     Case("lanes-335-d64-shift-raster", (3, 7, 13), kernel_size=(3, 3, 5), causal=True, border="shift", heads=2,
          heads_kv=2, D=64, B=1),
-    # head dims not in whole vectors: with AVX-512 the float lanes pack rows with zero tails (one vector of
-    # 40 -> 48, 24 -> 32 with a partial last store; 100 -> 112: a chunk of four vectors and one of three), the
-    # backward's sweep too where the forward keeps probabilities (the image window); float64 and the
-    # AVX2 build run the row kernels
+    # head dims not in whole vectors: with AVX-512 the float lanes pack rows with zero tails (40 -> 48,
+    # 24 -> 32, 20 -> 32, each row's last vector stored in part; 100 -> 112: a chunk of four vectors and one
+    # of three): the backward's sweep over kept probabilities (the image window), the two passes with a dS
+    # store (27 pairs > 24 elements, 105 > 100: no probabilities kept) and without one (343 > 8 x 20);
+    # float64 and the AVX2 build run the row kernels
     Case("lanes-padded-d40-image-gqa", (2, 9, 23), kernel_size=(1, 3, 3), heads=4, heads_kv=2, D=40, B=2),
     Case("lanes-padded-d24-333-shift-raster", (3, 7, 13), causal=True, border="shift", heads=2, heads_kv=2, D=24,
          B=1),
     Case("lanes-padded-d100-357", (4, 7, 9), kernel_size=(3, 5, 7), heads=2, heads_kv=1, D=100, B=1),
+    Case("lanes-padded-d20-777-shift", (5, 8, 9), kernel_size=7, border="shift", heads=2, heads_kv=1, D=20, B=1),
 ]
 PADDED_CASES = LANE_CASES[17:]
 
@@ -613,8 +615,8 @@ def _extension_build() -> dict:
 @pytest.mark.parametrize("case", [PADDED_CASES[0]], ids=lambda c: c.id)
 def test_padded_head_dims_keep_probabilities(case):
     """Head dims not in whole vectors run the lanes in float32 (rows padded with zeros): the forward keeps
-    the probabilities and the backward's sweep over them gives the gradients of the recomputing row kernels
-    (na3d_bwd: the two-pass lane backward does not pad)."""
+    the probabilities and the backward's sweep over them gives the gradients of the two-pass backward that
+    recomputes them (na3d_bwd)."""
     q, k, v, *rest = _op_args(case, torch.float32)
     out, lse, probs = torch.ops.nuwa_kernels.na3d_fwd_probs(q, k, v, *rest)
     assert probs.numel() == _probs_numel(q, k, v, rest) > 0
@@ -827,7 +829,7 @@ def test_prefetch_switch_changes_no_bit(case, monkeypatch):
         assert rel_err(got, w) < TOLERANCE[torch.float32]
 
 
-SCRATCH_CASES = [LANE_CASES[i] for i in (1, 2, 9, 11, 12, 13, 15, 16, 17, 18, 19)] + [
+SCRATCH_CASES = [LANE_CASES[i] for i in (1, 2, 9, 11, 12, 13, 15, 16, 17, 18, 19, 20)] + [
     c for c in CASES if c.id in ("cross-down-frame-causal", "d84-tails", "d5-scalar", "none-raster-shift")]
 
 

@@ -45,7 +45,7 @@ struct ProbsSweep {
     constexpr int L = kLanes<A>;
     constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
     using Ring = RowRing<A, true, A>;  // sizes do not depend on the input type
-    // rows padded to whole vectors (lane_fwd_ok's head dims; the same dims otherwise)
+    // rows padded to whole vectors (lane_run_ok's head dims; the same dims otherwise)
     const int64_t D = round_up(pr.D, L), Dv = round_up(pr.Dv, L), X = std::max(D, Dv);
     ProbsSweep s;
     s.lag = round_up(std::max<int64_t>(gk.smax, 0), L);
@@ -84,7 +84,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
   const LaneGeom gq = lane_geom(pr);                        // query blocks: Nq queries, Nk keys
   const LaneGeom gk = lane_geom(pr, /*key_side=*/true);    // key blocks: Nq keys, Nk queries
   const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads, heads_kv = pr.heads_kv, group = pr.group;
-  // Head dims that are not whole vectors (AVX-512 float, lane_fwd_ok) run on rows packed with zero tails to
+  // Head dims that are not whole vectors (AVX-512 float, lane_run_ok) run on rows packed with zero tails to
   // Dp, Dvp; the gradients' rows are stored to D, Dv.
   const int64_t Dp = round_up(D, L), Dvp = round_up(Dv, L);
   const int64_t Nq = gq.Nq, Nk = gk.Nq;

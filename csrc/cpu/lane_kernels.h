@@ -208,8 +208,8 @@ inline void transpose_rows(A* __restrict dst, int64_t ld, const A* __restrict sr
 // Geometry of the lane kernels
 // ------------------------------------------------------------------------------------------------
 
-// Whether the lane kernels run this problem: key H, W equal to the query's (flat shifts), head dims in
-// whole vectors.
+// Whether the lane kernels take this problem as it is: key H, W equal to the query's (flat shifts), head
+// dims in whole vectors (lane_run_ok adds the padded head dims of AVX-512 builds).
 template <typename A>
 inline bool lane_ok(const Problem& pr) {
   constexpr int L = kLanes<A>;
@@ -493,12 +493,12 @@ constexpr bool kRowScores = true;
 #else
 constexpr bool kRowScores = false;
 #endif
-// Whether the lane forward runs this problem: lane_ok's problems, and with row_scores (AVX-512, float
-// accumulation) any head dims, on rows packed with zero tails to whole vectors (lane_fwd_kernel). The
-// backward keeps lane_ok's bound (its rings and dS stores take whole vectors), and then the forward keeps
-// no probabilities for it. NÜWA (1,3,3), 10x21x21, 8 heads, D = 40: see DESIGN.md.
+// Whether the lane kernels run this problem: lane_ok's problems, and with row_scores (AVX-512, float
+// accumulation) any head dims, on rows packed with zero tails to whole vectors (HeadRows::Xp; the products
+// add zeros past the head dim, the output rows' last vectors are stored in part). NÜWA (1,3,3), 10x21x21,
+// 8 heads, D = 40: see DESIGN.md.
 template <typename A>
-inline bool lane_fwd_ok(const Problem& pr) {
+inline bool lane_run_ok(const Problem& pr) {
   return lane_ok<A>(pr) || (kRowScores && std::is_same<A, float>::value && pr.p.k_len[1] == pr.p.q_len[1] &&
                             pr.p.k_len[2] == pr.p.q_len[2] && pr.D > 0 && pr.Dv > 0);
 }
@@ -1214,13 +1214,13 @@ inline void pv_rows_chunks(S* out, int64_t ors, const A* f, const A* P, const A*
 }
 
 // xs (0: X): the output rows' length, when the products' rows are padded with zeros to X (whole vectors)
-// past it (lane_fwd_ok's head dims; their rows are never streamed: not 64-byte multiples).
+// past it (lane_run_ok's head dims; their rows are never streamed: not 64-byte multiples).
 template <bool kStream = false, typename S, typename A>
 inline void lane_pv_rows(S* out, int64_t ors, const A* f, const A* P, const A* rows, int64_t X, const int64_t* col,
                          const uint32_t* mask, int64_t n, int nv, const A* init = nullptr, int64_t irs = 0,
                          int64_t rs = 0, int64_t xs = 0) {
   constexpr int L = kLanes<A>;
-  if constexpr (!kStream && kRowScores && std::is_same<A, float>::value) {  // lane_fwd_ok's padded rows
+  if constexpr (!kStream && kRowScores && std::is_same<A, float>::value) {  // lane_run_ok's padded rows
     if (xs && xs != X) {  // the last vector of each row stored in part (a separate instantiation: a branch in
       // the stores of whole rows slowed the bfloat16 ones by a fifth)
       pv_rows_chunks<false, true>(out, ors, f, P, rows, X, col, mask, n, nv, init, irs, rs, xs);
@@ -1287,7 +1287,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
   const int64_t Dv = pr.Dv, heads = pr.heads, group = pr.group;
-  // Head dims that are not whole vectors (lane_fwd_ok: AVX-512 float only) run on rows packed with zero
+  // Head dims that are not whole vectors (lane_run_ok: AVX-512 float only) run on rows packed with zero
   // tails to D rounded up (the products then add exact zeros), the output rows stored to Dv.
   const int64_t D = round_up(pr.D, L), Dvp = round_up(Dv, L);
   // Chunks of queries per (batch, kv head): enough tasks for the threads (the forward's results do not
@@ -1496,6 +1496,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
   const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads, group = pr.group;
+  const int64_t Dp = round_up(D, L), Dvp = round_up(Dv, L);  // rows padded to whole vectors (lane_run_ok)
   const int64_t chunk = lane_task_chunk<L>(pr, g.Nq);
   const int64_t nch = (g.Nq + chunk - 1) / chunk;
   const int64_t ntask = pr.B * pr.heads_kv * nch;
@@ -1503,12 +1504,13 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
   const bool qflat = flat_strides(qs, g.H, g.W), gflat = flat_strides(gs, g.H, g.W);
   const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
   const int64_t sbuf = g.box_max * L;
-  const int64_t X = std::max(D, Dv);
+  const int64_t X = std::max(Dp, Dvp);
   // AVX-512 float: S and dP (without the dS store) by row_scores from the rows of K and V.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;
-  const int64_t tring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dv) : (D + Dv) * ring;
-  const int64_t scratch = tring + RowRing<S, kUnit, A>::elems(g, L, D) + (D + Dv) * L + 2 * sbuf + L * X + 4 * L + part;
+  const int64_t tring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dvp) : (D + Dv) * ring;
+  const int64_t scratch =
+      tring + RowRing<S, kUnit, A>::elems(g, L, Dp) + (Dp + Dvp) * L + 2 * sbuf + L * X + 4 * L + part;
   const int64_t box_axes = g.box_axes();
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, ds_in ? ds : nullptr);
   const EntryTable& et = tables->et;
@@ -1523,9 +1525,9 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
-    A* Qt = sc.a.data();     // [D][L]  queries, transposed, scaled (row_scores: [L][D] rows)
-    A* Gt = Qt + D * L;      // [Dv][L] output gradients, transposed (row_scores: [L][Dv] rows)
-    A* Sb = Gt + Dv * L;     // [entries][L] scores, then P
+    A* Qt = sc.a.data();     // [D][L]  queries, transposed, scaled (row_scores: [L][Dp] rows)
+    A* Gt = Qt + Dp * L;     // [Dv][L] output gradients, transposed (row_scores: [L][Dvp] rows)
+    A* Sb = Gt + Dvp * L;    // [entries][L] scores, then P
     A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
     A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
     A* lse_v = tmp + L * X;  // [L]
@@ -1546,11 +1548,11 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
       kr.init(kbuf, g, L, first_col, head_rows(k, ks, b, gh, D), kflat);
       vr.init(kbuf + D * kr.ld, g, L, first_col, head_rows(v, vs, b, gh, Dv), vflat);
     } else {
-      vrow.init(kbuf, g, L, first_col, head_rows(v, vs, b, gh, Dv));
+      vrow.init(kbuf, g, L, first_col, head_rows(v, vs, b, gh, Dv, Dvp));
     }
-    const HeadRows<S> kh = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
+    const HeadRows<S> kh = head_rows(k, ks, b, gh, D, Dp), vh = head_rows(v, vs, b, gh, Dv, Dvp);
     krow.init(kbuf + tring, g, L, first_col, kh);
-    [[maybe_unused]] A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, D);
+    [[maybe_unused]] A* pbuf = kbuf + tring + RowRing<S, kUnit, A>::elems(g, L, Dp);
     std::vector<int64_t> vcol(kRows ? g.box_max : 0);  // dP's value rows' columns (row_scores)
     int64_t q0 = qa;
     // The dS store's lines of block q0 + kDsAhead * L (one stream per row), at hb (base + q0).
@@ -1589,7 +1591,7 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             vst(Pb + e * L, lane_mask<A>(mask[e]) ? x : Vec<A>{});
           }
         } else {
-          const HeadRows<S> qh = head_rows(q, qs, b, head, D), gh_ = head_rows(go, gs, b, head, Dv);
+          const HeadRows<S> qh = head_rows(q, qs, b, head, D, Dp), gh_ = head_rows(go, gs, b, head, Dv, Dvp);
           // Prefetch the next head's (or block's) query and output-gradient rows.
           {
             const bool more = head + 1 < (gh + 1) * group;
@@ -1605,8 +1607,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
             int64_t qrs, grs;
             const A* qrows = block_rows_at<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, &qrs);
             const A* grows = block_rows_at<kUnit>(Gt, gh_, gflat, q0, nv, g.H, g.W, &grs);
-            row_scores(Sb, qrows, qrs, krows, col, mask, n, D, scale, reinterpret_cast<__m512*>(pbuf), krs);
-            row_scores(Pb, grows, grs, vrows, vcol.data(), mask, n, Dv, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
+            row_scores(Sb, qrows, qrs, krows, col, mask, n, Dp, scale, reinterpret_cast<__m512*>(pbuf), krs);
+            row_scores(Pb, grows, grs, vrows, vcol.data(), mask, n, Dvp, A(1), reinterpret_cast<__m512*>(pbuf), vrs);
 #endif
           } else {
             transposed_block<kUnit>(Qt, qh, qflat, q0, nv, g.H, g.W, scale, tmp);
@@ -1624,8 +1626,8 @@ void lane_bwd_dq_kernel(const Problem& pr, const S* go, Strides gs, const S* q, 
           }
         }
         // dQ = scale dS K, in the natural layout: key rows in place or from the ring, straight into dQ's rows.
-        pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krows, D, col, mask,
-                   n, nv, static_cast<const A*>(nullptr), 0, krs);
+        pv_rows_to(stream_dq, dq + ((b * g.Nq + q0) * heads + head) * D, heads * D, fac, Pb, krows, Dp, col, mask,
+                   n, nv, static_cast<const A*>(nullptr), 0, krs, D);
       }
     }
 #if defined(__AVX512F__)
@@ -1644,6 +1646,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr, /*key_side=*/true);  // Nq: keys (the blocks), Nk: queries (the rings)
   const int64_t D = pr.D, Dv = pr.Dv, heads_kv = pr.heads_kv, group = pr.group;
+  const int64_t Dp = round_up(D, L), Dvp = round_up(Dv, L);  // rows padded to whole vectors (lane_run_ok)
   const int64_t chunk = lane_task_chunk<L>(pr, g.Nq);
   const int64_t nch = (g.Nq + chunk - 1) / chunk;
   const int64_t ntask = pr.B * heads_kv * nch;
@@ -1652,13 +1655,13 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
   const bool lflat = flat_strides(ls, g.H, g.W), dflat = flat_strides(dls, g.H, g.W);
   const int64_t ring = TransposedRing<S, kUnit, A>::size_for(g, L) + 3 * L;
   const int64_t sbuf = g.box_max * L;
-  const int64_t X = std::max(D, Dv);
+  const int64_t X = std::max(Dp, Dvp);
   // AVX-512 float: S^T and dP^T by row_scores from the row rings of Q and dO (no Q^T, dO^T rings).
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;  // row_scores' partial sums
-  const int64_t scratch = group * (((kRows ? 0 : D + Dv) + 2) * ring + RowRing<S, kUnit, A>::elems(g, L, D) +
-                                   RowRing<S, kUnit, A>::elems(g, L, Dv)) +
-                          (D + Dv) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (D + Dv) : 0) + part;
+  const int64_t scratch = group * (((kRows ? 0 : D + Dv) + 2) * ring + RowRing<S, kUnit, A>::elems(g, L, Dp) +
+                                   RowRing<S, kUnit, A>::elems(g, L, Dvp)) +
+                          (Dp + Dvp) * L + 2 * sbuf + L * X + 2 * L + (group > 1 ? L * (Dp + Dvp) : 0) + part;
   const int64_t box_axes = g.box_axes();
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, true>(pr, g, ds_out ? ds : nullptr);
   const EntryTable& et = tables->et;
@@ -1671,9 +1674,9 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
     const int64_t c = task % nch, bg = task / nch;
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t ka = c * chunk, kb = std::min(g.Nq, ka + chunk);
-    A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled (row_scores: [L][D] rows)
-    A* Vt = Kt + D * L;      // [Dv][L] values, transposed (row_scores: [L][Dv] rows)
-    A* Sb = Vt + Dv * L;     // [entries][L] scores, then P
+    A* Kt = sc.a.data();     // [D][L]  keys, transposed, scaled (row_scores: [L][Dp] rows)
+    A* Vt = Kt + Dp * L;     // [Dv][L] values, transposed (row_scores: [L][Dvp] rows)
+    A* Sb = Vt + Dvp * L;    // [entries][L] scores, then P
     A* Pb = Sb + sbuf;       // [entries][L] dP, then dS
     A* tmp = Pb + sbuf;      // [L][max(D, Dv)]
     A* fac = tmp + L * X;    // [L] scale
@@ -1706,15 +1709,15 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       rp += lr[j].ld;
       dr[j].init(rp, g, L, first_col, head_rows(delta, dls, b, head, 1), dflat);
       rp += dr[j].ld;
-      qrow[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D));
-      rp += RowRing<S, kUnit, A>::elems(g, L, D);
-      grow[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv));
-      rp += RowRing<S, kUnit, A>::elems(g, L, Dv);
+      qrow[j].init(rp, g, L, first_col, head_rows(q, qs, b, head, D, Dp));
+      rp += RowRing<S, kUnit, A>::elems(g, L, Dp);
+      grow[j].init(rp, g, L, first_col, head_rows(go, gs, b, head, Dv, Dvp));
+      rp += RowRing<S, kUnit, A>::elems(g, L, Dvp);
     }
-    A* dKs = rp;           // [L][D]  dK sums over the group's heads but the last
-    A* dVs = dKs + L * D;  // [L][Dv] dV sums
-    [[maybe_unused]] A* pbuf = dKs + (group > 1 ? L * (D + Dv) : 0);  // row_scores' partial sums
-    const HeadRows<S> kh_ = head_rows(k, ks, b, gh, D), vh = head_rows(v, vs, b, gh, Dv);
+    A* dKs = rp;            // [L][Dp]  dK sums over the group's heads but the last
+    A* dVs = dKs + L * Dp;  // [L][Dvp] dV sums
+    [[maybe_unused]] A* pbuf = dKs + (group > 1 ? L * (Dp + Dvp) : 0);  // row_scores' partial sums
+    const HeadRows<S> kh_ = head_rows(k, ks, b, gh, D, Dp), vh = head_rows(v, vs, b, gh, Dv, Dvp);
     for (int64_t k0 = ka; k0 < kb; k0 += L) {
       const int nv = static_cast<int>(std::min<int64_t>(L, kb - k0));
       const int64_t* shift;
@@ -1727,7 +1730,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
       }
       const A* krows = Kt;  // the block's key and value rows (row_scores: in place or packed)
       const A* vrows = Vt;
-      int64_t krs = D, vrs = Dv;
+      int64_t krs = Dp, vrs = Dvp;
       if constexpr (kRows) {
         krows = block_rows_at<kUnit>(Kt, kh_, kflat, k0, nv, g.H, g.W, &krs);
         vrows = block_rows_at<kUnit>(Vt, vh, vflat, k0, nv, g.H, g.W, &vrs);
@@ -1752,7 +1755,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         // dP^T into Pb
         if constexpr (kRows) {
 #if defined(__AVX512F__)
-          row_scores(Pb, vrows, vrs, grow[j].buf, col, mask, n, Dv, A(1), part_v);
+          row_scores(Pb, vrows, vrs, grow[j].buf, col, mask, n, Dvp, A(1), part_v);
 #endif
         } else {
           lane_scores(Pb, Vt, gr[j].buf, gr[j].ld, col, n, Dv);
@@ -1767,7 +1770,7 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         // P into Sb (0 on masked lanes), recomputed from S; then dS = P (dP - delta) into Pb.
         if constexpr (kRows) {
 #if defined(__AVX512F__)
-          row_scores(Sb, krows, krs, qrow[j].buf, col, mask, n, D, scale, part_v);
+          row_scores(Sb, krows, krs, qrow[j].buf, col, mask, n, Dp, scale, part_v);
 #endif
         } else {
           lane_scores(Sb, Kt, qr[j].buf, qr[j].ld, col, n, D);
@@ -1787,11 +1790,13 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;
         if (j + 1 == group) {
-          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
-          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
+          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dvp, col, mask, n, nv, init_v, Dvp,
+                     0, Dv);
+          pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, Dp, col, mask, n, nv, init_k, Dp, 0,
+                     D);
         } else {
-          lane_pv_rows(dVs, Dv, one, Sb, grow[j].buf, Dv, col, mask, n, nv, init_v, Dv);
-          lane_pv_rows(dKs, D, one, Pb, qrow[j].buf, D, col, mask, n, nv, init_k, D);
+          lane_pv_rows(dVs, Dvp, one, Sb, grow[j].buf, Dvp, col, mask, n, nv, init_v, Dvp);
+          lane_pv_rows(dKs, Dp, one, Pb, qrow[j].buf, Dp, col, mask, n, nv, init_k, Dp);
         }
       }
     }

@@ -1157,7 +1157,7 @@ inline int64_t probs_per_query() {
 template <typename A>
 int64_t lane_pair_store_elems(const Problem& pr, int64_t per_query, bool sweep = false) {
   constexpr int L = kLanes<A>;
-  if (!lanes_enabled() || !lane_fwd_ok<A>(pr)) return 0;
+  if (!lanes_enabled() || !lane_run_ok<A>(pr)) return 0;
   const LaneGeom gq = lane_geom(pr), gk = lane_geom(pr, /*key_side=*/true);
   if (!EntryTable::fits<L>(gq) || !EntryTable::fits<L>(gk)) return 0;
   if (sweep && !probs_sweep_fits<A>(pr, gq, gk)) return 0;
@@ -1223,7 +1223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_fwd_impl(const at::Tensor& q
     const scalar_t* qp = query.const_data_ptr<scalar_t>();
     const scalar_t* kp = key.const_data_ptr<scalar_t>();
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
-    const bool lanes = lanes_enabled() && lane_fwd_ok<A>(pr);
+    const bool lanes = lanes_enabled() && lane_run_ok<A>(pr);
     const int64_t np = want_probs ? lane_probs_elems<A>(pr, probs_per_query()) : 0;
     DsStore ps;
     if (np > 0) {
@@ -1325,10 +1325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_impl(
     const A* dlp = delta.defined() ? delta.const_data_ptr<A>() : nullptr;  // with probs: dLSE, or none
     const Strides gs = strides_of(go), qs = strides_of(query), ks = strides_of(key), vs = strides_of(value);
     const Strides ls = strides_of(lse), dls = delta.defined() ? strides_of(delta) : ls;
-    // Head dims that are not whole vectors (lane_fwd_ok): the sweep with the forward's probabilities pads
-    // its rows, the two-pass lane backward does not (the row kernels take those calls).
-    const bool lanes = lanes_enabled() && (lane_ok<A>(pr) || (with_probs && lane_fwd_ok<A>(pr) &&
-                                                               lane_pair_store_elems<A>(pr, kDsPerQuery) > 0));
+    const bool lanes = lanes_enabled() && lane_run_ok<A>(pr);  // head dims padded to whole vectors too
     with_unit(unit, [&](auto u) {
       constexpr bool kUnit = decltype(u)::value;
       if (lanes) {
