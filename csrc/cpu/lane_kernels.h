@@ -1286,10 +1286,10 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   using A = acc_t<S>;
   constexpr int L = kLanes<A>;
   const LaneGeom g = lane_geom(pr);
-  const int64_t Dv = pr.Dv, heads = pr.heads, group = pr.group;
+  const int64_t D = pr.D, Dv = pr.Dv, heads = pr.heads, group = pr.group;
   // Head dims that are not whole vectors (lane_run_ok: AVX-512 float only) run on rows packed with zero
-  // tails to D rounded up (the products then add exact zeros), the output rows stored to Dv.
-  const int64_t D = round_up(pr.D, L), Dvp = round_up(Dv, L);
+  // tails to Dp, Dvp (the products then add exact zeros), the output rows stored to Dv.
+  const int64_t Dp = round_up(D, L), Dvp = round_up(Dv, L);
   // Chunks of queries per (batch, kv head): enough tasks for the threads (the forward's results do not
   // depend on the chunking: each query's entries are summed in shift order, masked ones adding zeros).
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
@@ -1299,17 +1299,17 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
   const int64_t ntask = pr.B * pr.heads_kv * nch;
   const bool kflat = flat_strides(ks, g.H, g.W), qflat = flat_strides(qs, g.H, g.W);
   const bool v_direct = direct_rows_ok<S, kUnit, A>(pr, g, vs, Dv);  // P V's value rows in place
-  const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, pr.D);   // the scores' key rows in place
+  const bool k_direct = direct_rows_ok<S, kUnit, A>(pr, g, ks, D);   // the scores' key rows in place
   // AVX-512 float: keys as rows and row_scores; otherwise K^T columns and lane_scores.
   constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
   using KRing = typename std::conditional<kRows, RowRing<S, kUnit, A>, TransposedRing<S, kUnit, A>>::type;
   const int64_t R = TransposedRing<S, kUnit, A>::size_for(g, L);
   const int64_t ring = R + 3 * L;
   const int64_t sbuf = g.box_max * L;
-  const int64_t X = std::max(D, Dvp);
-  const int64_t kring = kRows ? RowRing<S, kUnit, A>::elems(g, L, D) : D * ring;
+  const int64_t X = std::max(Dp, Dvp);
+  const int64_t kring = kRows ? RowRing<S, kUnit, A>::elems(g, L, Dp) : D * ring;
   const int64_t part = kRows ? kRowScoreBatch * 4 * L : 0;  // row_scores' partial sums
-  const int64_t scratch = kring + RowRing<S, kUnit, A>::elems(g, L, Dvp) + part + D * L + sbuf + L * X + 2 * L;
+  const int64_t scratch = kring + RowRing<S, kUnit, A>::elems(g, L, Dvp) + part + Dp * L + sbuf + L * X + 2 * L;
   const std::shared_ptr<const LaneTables> tables = lane_tables<L, false>(pr, g, probs ? ps : nullptr);
   const EntryTable& et = tables->et;
   const std::vector<int32_t>& psr = tables->rows;
@@ -1336,8 +1336,8 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     const int64_t b = bg / pr.heads_kv, gh = bg % pr.heads_kv;
     const int64_t qa = c * chunk, qb = std::min(g.Nq, qa + chunk);
     A* Qt = sc.a.data();      // [D][L]   queries of the block, transposed and scaled (lane_scores)
-    A* Sb = Qt + D * L;       // [entries][L] scores, then probabilities
-    A* tmp = Sb + sbuf;       // [L][max(D, Dv)]  (row_scores: the block's query rows)
+    A* Sb = Qt + Dp * L;      // [entries][L] scores, then probabilities
+    A* tmp = Sb + sbuf;       // [L][max(Dp, Dvp)]  (row_scores: the block's query rows)
     A* inv_l = tmp + L * X;   // [L]
     A* kbuf = inv_l + 2 * L;  // rings: K (K^T [D][ld] or rows [R + L][D]), V rows [R + L][Dv]; part
     int64_t* shift_buf = sc.idx.data();
@@ -1350,7 +1350,7 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
     std::vector<int32_t> prow_entry(probs ? ps->rows : 0);  // the block's entry of each row of the store, or -1
     KRing kr;
     RowRing<S, kUnit, A> vr;
-    const HeadRows<S> kh = head_rows(k, ks, b, gh, pr.D, D);
+    const HeadRows<S> kh = head_rows(k, ks, b, gh, D, Dp);
     if constexpr (kRows)
       kr.init(kbuf, g, L, first_col, kh);
     else
@@ -1384,16 +1384,16 @@ void lane_fwd_kernel(const Problem& pr, const S* q, Strides qs, const S* k, Stri
       }
       // Grouped heads share the block's keys, values and entries.
       for (int64_t head = gh * group; head < (gh + 1) * group; ++head) {
-        const HeadRows<S> qh = head_rows(q, qs, b, head, pr.D, D);
+        const HeadRows<S> qh = head_rows(q, qs, b, head, D, Dp);
         if (head + 1 < (gh + 1) * group)
-          prefetch_tokens(head_rows(q, qs, b, head + 1, pr.D), q0, q0 + nv, g);
+          prefetch_tokens(head_rows(q, qs, b, head + 1, D), q0, q0 + nv, g);
         else if (q0 + L < qb)
-          prefetch_tokens(head_rows(q, qs, b, gh * group, pr.D), q0 + L, std::min(qb, q0 + 2 * L), g);
+          prefetch_tokens(head_rows(q, qs, b, gh * group, D), q0 + L, std::min(qb, q0 + 2 * L), g);
         if constexpr (kRows) {  // the block's query rows (packed: rows past the block zeros)
 #if defined(__AVX512F__)
           int64_t qrs;
           const A* qrows = block_rows_at<kUnit>(tmp, qh, qflat, q0, nv, g.H, g.W, &qrs);
-          row_scores(Sb, qrows, qrs, krows, col, mask, n, D, scale, reinterpret_cast<__m512*>(pbuf), krs);
+          row_scores(Sb, qrows, qrs, krows, col, mask, n, Dp, scale, reinterpret_cast<__m512*>(pbuf), krs);
 #endif
         } else {  // Q^T of the block, scaled
           const TokenRows<S, kUnit, A> qr = token_rows<kUnit>(qh, qflat, q0, q0 + nv, g.H, g.W, tmp);
