@@ -92,6 +92,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
   const int64_t chunk_q = lane_task_chunk<L>(pr, Nq), chunk_k = lane_task_chunk<L>(pr, Nk);
   const int64_t nch = std::max((Nq + chunk_q - 1) / chunk_q, (Nk + chunk_k - 1) / chunk_k);
   const int64_t ntask = pr.B * heads_kv * nch;
+  const bool spread = rows_share_lines<S>(D) || rows_share_lines<S>(Dv);  // dQ's, dK's, dV's rows
   const ProbsSweep sw = ProbsSweep::of<A>(pr, gq, gk, ds.rows);
   const int64_t lag = sw.lag, RL = sw.RL, ldr = sw.ldr, ring_elems = sw.ring_elems;
   const bool gflat = flat_strides(gs, gq.H, gq.W);
@@ -114,7 +115,7 @@ void lane_bwd_probs_kernel(const Problem& pr, const S* go, Strides gs, const S* 
   const double work = double(pr.B) * heads * Nq * pr.win_max * 2 * (D + Dv);
   const A scale = static_cast<A>(pr.scale);
   parallel_tasks<A>(pr, ntask, work, sw.scratch, 7 * box_max + box_axes, [&](Scratch<A>& sc, int64_t task) {
-    const int64_t c = task % nch, bg = task / nch;
+    const int64_t c = task % nch, bg = spread_heads(task / nch, pr.B * heads_kv, spread);
     const int64_t b = bg / heads_kv, gh = bg % heads_kv;
     const int64_t qa = std::min(Nq, c * chunk_q), qb = std::min(Nq, qa + chunk_q);  // dQ's blocks
     const int64_t ka = std::min(Nk, c * chunk_k), kb = std::min(Nk, ka + chunk_k);  // dK's and dV's blocks
