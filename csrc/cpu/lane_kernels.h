@@ -485,9 +485,9 @@ inline void lane_scores(A* S, const A* a, const A* XT, int64_t ld, const int64_t
 // query's partials summed in the same tree, so a query's score does not depend on its lane). A group of
 // four queries computes only the entries of a run between its first and last valid one (`mask`): the
 // scores of its other entries are 0, masked by every caller (with NATTEN's shifted windows a block's runs
-// are longer than any one query's: NÜWA (1,3,3), 10x21x21, 1.55 score products per useful pair -> 1.13). Against
-// lane_scores it needs no transposes of Q or K, and its key loads are aligned (lane_scores' start at the
-// block plus the shift: most are unaligned, which this machine's load ports pay for twice).
+// are longer than any one query's: NÜWA (1,3,3), 10x21x21, 1.55 score products per useful pair -> 1.13).
+// Against lane_scores it needs no transposes of Q or K, and its key loads are aligned (lane_scores' start
+// at the block plus the shift: most are unaligned, which this machine's load ports pay for twice).
 #if defined(__AVX512F__)
 constexpr bool kRowScores = true;
 #else
@@ -1812,8 +1812,8 @@ void lane_bwd_dkv_kernel(const Problem& pr, const S* go, Strides gs, const S* q,
         const A* init_k = j > 0 ? dKs : nullptr;
         const A* init_v = j > 0 ? dVs : nullptr;
         if (j + 1 == group) {
-          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dvp, col, mask, n, nv, init_v, Dvp,
-                     0, Dv);
+          pv_rows_to(stream_dkv, dv + row0 * Dv, heads_kv * Dv, one, Sb, grow[j].buf, Dvp, col, mask, n, nv, init_v,
+                     Dvp, 0, Dv);
           pv_rows_to(stream_dkv, dk + row0 * D, heads_kv * D, fac, Pb, qrow[j].buf, Dp, col, mask, n, nv, init_k, Dp, 0,
                      D);
         } else {

@@ -754,7 +754,7 @@ struct HeadRows {
   const T* base;
   Strides st;
   int64_t X;
-  int64_t Xp;  // packed rows' length: X, or X padded with zeros to whole vectors (the lane forward's rows)
+  int64_t Xp;  // packed rows' length: X, or X padded with zeros to whole vectors (lane_run_ok's head dims)
 
   const T* at(int64_t t, int64_t h, int64_t w) const { return base + t * st.s[1] + h * st.s[2] + w * st.s[3]; }
   // Packs the n tokens (t, h, w), (t, h, w + 1), ... into rows of Xp elements of dst (pack_rows).
