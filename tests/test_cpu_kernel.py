@@ -448,6 +448,8 @@ LANE_CASES = [
          B=1),
     Case("lanes-padded-d100-357", (4, 7, 9), kernel_size=(3, 5, 7), heads=2, heads_kv=1, D=100, B=1),
     Case("lanes-padded-d20-777-shift", (5, 8, 9), kernel_size=7, border="shift", heads=2, heads_kv=1, D=20, B=1),
+    # past 4 MiB in float32 (prefetches, tasks from the shared counter, heads spread: 160-byte rows)
+    Case("lanes-padded-d40-large", (5, 16, 16), kernel_size=(1, 3, 3), heads=8, heads_kv=8, D=40, B=1),
 ]
 PADDED_CASES = LANE_CASES[17:]
 
