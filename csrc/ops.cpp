@@ -31,6 +31,7 @@
 #include <tuple>
 
 #include "cpu/block_pool.h"
+#include "cpu/kernel_isa.h"
 #include "cpu/pair_store.h"
 #include "window.h"
 
@@ -194,6 +195,8 @@ TORCH_LIBRARY(nuwa_kernels, m) {
   // The CPU kernels' block pool (csrc/cpu/block_pool.h): frees its cached blocks / reads their bytes.
   m.def("empty_cpu_pool() -> int", &nuwa::cpu::empty_cpu_pool);
   m.def("cpu_pool_cached_bytes() -> int", &nuwa::cpu::cpu_pool_cached_bytes);
+  // The CPU kernels' vector instruction set (csrc/cpu/kernel_isa.h): "avx512", "avx2" or "generic".
+  m.def("cpu_kernel_isa() -> str", &nuwa::cpu::cpu_kernel_isa);
 }
 
 TORCH_LIBRARY_IMPL(nuwa_kernels, CompositeExplicitAutograd, m) { m.impl("na3d_delta", &nuwa::na3d_delta); }

@@ -56,6 +56,9 @@ def collect() -> Dict[str, Any]:
             )
         except RuntimeError:
             ext["cuda_kernels"] = False
+        from nuwa_kernels.backends import cpu
+
+        ext["cpu_isa"] = cpu.kernel_isa()
     report["extension"] = ext
     gpus = []
     if torch.cuda.is_available():
@@ -105,6 +108,10 @@ def format_report(r: Dict[str, Any]) -> str:
         if not ext.get("cuda_kernels"):
             cuda = "no"
         lines.append(f"  CUDA kernels   {cuda}")
+        isa = ext.get("cpu_isa")
+        if isa:
+            lanes = "any head dim" if isa == "avx512" else "head dims in whole vectors"
+            lines.append(f"  CPU kernels    {isa} (lane kernels: {lanes})")
     else:
         lines.append(f"nuwa_kernels._C  NOT loaded: {ext['error']}")
         lines.append(f"  fix: {ext['fix']}")

@@ -597,20 +597,23 @@ def test_probs_pair_matches_the_recomputing_backward(case, dtype):
 
 def _avx512_build() -> bool:
     """Whether this build's CPU kernels use AVX-512 (row_scores; the float lanes then take any head dim)."""
-    arch = str(_extension_build().get("cpu_arch", ""))
-    if arch != "native":
-        return "v4" in arch or "avx512" in arch
-    try:
-        with open("/proc/cpuinfo") as f:
-            return " avx512f" in f.read()
-    except OSError:
-        return False
+    return cpu.kernel_isa() == "avx512"
 
 
-def _extension_build() -> dict:
+def test_kernel_isa_is_the_builds():
+    """The op reports the instruction set the kernels were compiled for: AVX2 for the portable build
+    (x86-64-v3), AVX-512 for a native build on a CPU that has it."""
     from nuwa_kernels import _build_info
 
-    return _build_info.BUILD
+    arch = str(_build_info.BUILD.get("cpu_arch", ""))
+    isa = cpu.kernel_isa()
+    assert isa in ("avx512", "avx2", "generic")
+    if arch == "x86-64-v3":
+        assert isa == "avx2"
+    elif arch == "native" and platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        assert (isa == "avx512") == (" avx512f" in flags)
 
 
 @pytest.mark.skipif(not _avx512_build(), reason="the float lanes pad head dims only in AVX-512 builds")

@@ -63,6 +63,7 @@
 #endif
 
 #include "block_pool.h"
+#include "kernel_isa.h"
 #include "pair_store.h"
 #include "window_args.h"
 
@@ -1386,6 +1387,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> na3d_bwd_probs_cpu(
 }
 
 }  // namespace
+
+std::string cpu_kernel_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "generic";
+#endif
+}
 
 int64_t na3d_probs_numel(at::IntArrayRef query_shape, at::IntArrayRef key_shape, at::IntArrayRef value_shape,
                          at::ScalarType dtype, at::IntArrayRef kernel_size, c10::List<bool> causal_axes,

@@ -61,6 +61,16 @@ def empty_cache() -> int:
     return int(torch.ops.nuwa_kernels.empty_cpu_pool())
 
 
+def kernel_isa() -> str:
+    """The vector instruction set the CPU kernels were compiled for (``-march`` at build time,
+    ``NUWA_CPU_ARCH``): ``"avx512"`` (row-layout scores; float32, bfloat16 and float16 take the lane kernels
+    for any head dim, rows padded with zeros to whole vectors), ``"avx2"`` (the lane kernels for head dims in
+    whole vectors, the row kernels for the others), ``"generic"``; ``""`` when the extension is not loaded."""
+    if _fused_ops.load_error() is not None:
+        return ""
+    return str(torch.ops.nuwa_kernels.cpu_kernel_isa())
+
+
 def cached_bytes() -> int:
     """Bytes of the free blocks the CPU kernels' pool holds (see :func:`empty_cache`)."""
     if _fused_ops.load_error() is not None:
