@@ -45,21 +45,21 @@ struct ProbsSweep {
     constexpr int L = kLanes<A>;
     constexpr bool kRows = kRowScores && std::is_same<A, float>::value;
     using Ring = RowRing<A, true, A>;  // sizes do not depend on the input type
-    // rows padded to whole vectors (lane_run_ok's head dims; the same dims otherwise)
-    const int64_t D = round_up(pr.D, L), Dv = round_up(pr.Dv, L), X = std::max(D, Dv);
+    // rows padded to whole vectors (lane_run_ok's head dims; the head dims otherwise)
+    const int64_t Dp = round_up(pr.D, L), Dvp = round_up(pr.Dv, L), X = std::max(Dp, Dvp);
     ProbsSweep s;
     s.lag = round_up(std::max<int64_t>(gk.smax, 0), L);
     s.RL = round_up(s.lag + L - std::min<int64_t>(gk.smin, 0), L);
     s.ldr = s.RL + L;
     s.ring_elems = ds_rows * s.ldr;
-    s.vt_ring = kRows ? Ring::elems(gq, L, Dv) : Dv * (TransposedRing<A, true, A>::size_for(gq, L) + 3 * L);
-    s.k_ring = Ring::elems(gq, L, D);
-    s.q_ring = Ring::elems(gk, L, D);
-    s.g_ring = Ring::elems(gk, L, Dv);
+    s.vt_ring = kRows ? Ring::elems(gq, L, Dvp) : Dvp * (TransposedRing<A, true, A>::size_for(gq, L) + 3 * L);
+    s.k_ring = Ring::elems(gq, L, Dp);
+    s.q_ring = Ring::elems(gk, L, Dp);
+    s.g_ring = Ring::elems(gk, L, Dvp);
     s.part = kRows ? kRowScoreBatch * 4 * L : 0;
     s.sbuf = std::max(gq.box_max, gk.box_max) * L;
-    s.scratch = s.vt_ring + s.k_ring + pr.group * (s.q_ring + s.g_ring + s.ring_elems) + 2 * s.sbuf + Dv * L +
-                L * X + 3 * L + s.part + (pr.group > 1 ? L * (D + Dv) : 0);
+    s.scratch = s.vt_ring + s.k_ring + pr.group * (s.q_ring + s.g_ring + s.ring_elems) + 2 * s.sbuf + Dvp * L +
+                L * X + 3 * L + s.part + (pr.group > 1 ? L * (Dp + Dvp) : 0);
     return s;
   }
 };

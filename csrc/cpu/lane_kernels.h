@@ -859,13 +859,19 @@ constexpr bool kStreamOK = true;
 constexpr bool kStreamOK = false;
 #endif
 
+// Whether rows of x elements of S are not whole cache lines (then never streamed; spread_heads).
+template <typename S>
+inline bool rows_share_lines(int64_t x) {
+  return (x * int64_t(sizeof(S))) % 64 != 0;
+}
+
 // Whether rows of X elements written into `out` (rows in all) go out with non-temporal stores: outputs
 // beyond the caches, 64-byte aligned rows, AVX-512 builds, S the accumulation type or a half type (vstore).
 template <typename S, typename A>
 inline bool stream_rows(const S* out, double rows, int64_t X) {
   constexpr bool kHalf = std::is_same<A, float>::value && sizeof(S) == 2;
   return (std::is_same<S, A>::value || kHalf) && kStreamOK && rows * X * sizeof(S) > double(kStreamBytes) &&
-         (reinterpret_cast<uintptr_t>(out) % 64) == 0 && (X * sizeof(S)) % 64 == 0;
+         (reinterpret_cast<uintptr_t>(out) % 64) == 0 && !rows_share_lines<S>(X);
 }
 
 // How many groups of L columns ahead the rings prefetch their input rows. Two: a block's work covers the
@@ -1288,12 +1294,6 @@ inline const A* block_rows_at(A* buf, const HeadRows<S>& hr, bool flat, int64_t 
 // (383-393 against 390 us; evens first had paired the sharing heads there).
 inline int64_t spread_heads(int64_t bg, int64_t n, bool spread) {
   return spread ? (bg % 2 ? (n + 1) / 2 + bg / 2 : bg / 2) : bg;
-}
-
-// Whether rows of x elements of S are not whole cache lines (spread_heads).
-template <typename S>
-inline bool rows_share_lines(int64_t x) {
-  return (x * int64_t(sizeof(S))) % 64 != 0;
 }
 
 // probs (optional): every pair's probability, stored in the DsStore layout `ps` for the backward's key
