@@ -154,12 +154,25 @@ def call(pair: OpPair, query: Tensor, key: Tensor, value: Tensor, *args) -> Tupl
     traceable autograd), a lean eager path otherwise (no autograd work when no input needs gradients)."""
     if torch.compiler.is_compiling():
         return pair.fwd(query, key, value, *args)
+    return _eager(pair, query, key, value, args)
+
+
+def _eager(pair: OpPair, query: Tensor, key: Tensor, value: Tensor, args: tuple) -> Tuple[Tensor, Tensor]:
+    """:func:`call` outside ``torch.compile``."""
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         if pair.native_autograd:  # the op's own (C++) autograd kernel records the node
             return pair.fwd_eager(query, key, value, *args)
         return _EagerCall.apply(pair, query, key, value, args)
     with torch._C._AutoDispatchBelowAutograd():
         return pair.fwd_eager(query, key, value, *args)
+
+
+def prepared(pair: OpPair, spec, scale: float) -> Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]:
+    """``run(query, key, value) -> (out, lse)``: :func:`call` of one window, its op arguments built once, for
+    eager calls only (the caller checks ``torch.compiler.is_compiling()``). The API keeps one per validated
+    plan (``api._PLANS``): a repeated call then runs no Python but the plan lookup and this."""
+    args = (*spec_op_args(spec), float(scale))
+    return lambda query, key, value: _eager(pair, query, key, value, args)
 
 
 def register_fakes(fwd_name: str, bwd_name: str) -> None:

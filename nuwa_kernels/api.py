@@ -111,7 +111,7 @@ def _autocast(query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor
     if not isinstance(query, Tensor):
         return query, key, value, None
     dev = query.device.type
-    if dev not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(dev):
+    if dev not in _AUTOCAST_DEVICES or not torch.is_autocast_enabled(dev):
         return query, key, value, None
     target = torch.get_autocast_dtype(dev)
     cast = lambda t: t.to(target) if isinstance(t, Tensor) and t.dtype in _FLOAT_DTYPES[:3] else t  # noqa: E731
@@ -208,12 +208,49 @@ def _plan_key(query, key, value, kernel_size, causal, border, scale, backend, st
         return None  # tensor subclasses (fake, functional) are validated every time
     # hashed once, by the lookup in _attend (an unhashable argument raises TypeError there)
     # plain ints, bools and None stand for themselves (no _sig call on the common arguments); any other
-    # value goes through _sig, whose tuples never equal them
+    # value goes through _sig, whose tuples never equal them. The environment variable only matters to
+    # backend="auto" (select_backend), and is read there only.
     return (query.shape, key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
             value.device, kernel_size if type(kernel_size) is int else _sig(kernel_size),
             causal if type(causal) is bool else _sig(causal), border, scale if scale is None else _sig(scale),
             backend, stride if type(stride) is int else _sig(stride),
-            dilation if type(dilation) is int else _sig(dilation), os.environ.get(ENV_VAR))
+            dilation if type(dilation) is int else _sig(dilation), _env_backend() if backend == "auto" else None)
+
+
+# NUWA_KERNELS_BACKEND as os.environ holds it (encoded; None when unset): one dictionary lookup. Read
+# through os.environ.get, the variable cost 4-27 us a call right after a kernel had swept the caches
+# (2-core EPYC, NÜWA's grids), as much as the rest of the plan lookup.
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)  # type: ignore[attr-defined]
+except AttributeError:  # not CPython's os._Environ
+    _ENV_KEY = None
+
+
+def _env_backend():
+    """``NUWA_KERNELS_BACKEND``'s value in ``os.environ`` (encoded on POSIX), or ``None`` when unset."""
+    data = getattr(os.environ, "_data", None) if _ENV_KEY is not None else None
+    return data.get(_ENV_KEY) if data is not None else os.environ.get(ENV_VAR)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _planned_run(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation):
+    """The prepared op (``run(query, key, value) -> (out, lse)``) of a plain call whose plan is cached and
+    runs as it is: no autocast, no ``torch.compile``, no dilation, non-empty; else ``None``."""
+    if torch.compiler.is_compiling():
+        return None
+    pkey = _plan_key(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation)
+    if pkey is None:
+        return None
+    dev = pkey[6].type  # query's device
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        return None
+    try:
+        plan = _PLANS.get(pkey)
+    except TypeError:  # an unhashable argument
+        return None
+    return plan[4] if plan is not None else None
 
 
 def _attend(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation,
@@ -227,7 +264,7 @@ def _attend(query, key, value, kernel_size, causal, border, scale, backend, stri
     except TypeError:  # an unhashable argument (e.g. a list inside a list): validated every time
         pkey = plan = None
     if plan is not None:
-        spec, dil, scale, module = plan
+        spec, dil, scale, module, _ = plan
         extra = False
     else:
         _check_tensors(query, key, value, "grid")
@@ -241,7 +278,12 @@ def _attend(query, key, value, kernel_size, causal, border, scale, backend, stri
         if pkey is not None:
             if len(_PLANS) >= _PLANS_MAX:
                 _PLANS.clear()
-            _PLANS[pkey] = (spec, dil, scale, module)
+            run = None  # the prepared op of _public_call's host path (calls that run as they are)
+            if dil == (1, 1, 1) and query.numel() > 0:
+                runner = getattr(module, "runner", None)
+                run = runner(spec, scale) if runner is not None else \
+                    (lambda q, k, v, _m=module, _s=spec, _c=scale: _m.forward(q, k, v, _s, _c))
+            _PLANS[pkey] = (spec, dil, scale, module, run)
     if query.numel() == 0:
         return _empty_result(query, key, value, additional_keys, additional_values)
     if dil == (1, 1, 1):
@@ -423,7 +465,16 @@ def nearby_attention_slab(
 
 def _public_call(query, key, value, kernel_size, causal, border, scale, return_lse, backend, stride, dilation,
                  additional_keys, additional_values, slab):
-    """The shared body of the public grid-layout functions: autocast, then :func:`_attend`."""
+    """The shared body of the public grid-layout functions: autocast, then :func:`_attend`; a repeated plain
+    call goes straight to its plan's prepared op. The host path runs right after the previous call's kernels
+    have swept the caches, where every Python step costs microseconds: NÜWA (1,3,3) forward, 2-core EPYC,
+    two threads, in-process alternation, nearby_attention over the op called directly 45-72 us -> 23
+    (10x21x21) and 8 -> 3 (1x21x21)."""
+    if slab is None and additional_keys is None and additional_values is None and return_lse.__class__ is bool:
+        run = _planned_run(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation)
+        if run is not None:
+            out, lse = run(query, key, value)
+            return (out, lse) if return_lse else out
     query, key, value, autocast_dev = _autocast(query, key, value)
     if autocast_dev is not None:
         additional_keys, additional_values = _autocast_extra(autocast_dev, additional_keys, additional_values)

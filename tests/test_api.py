@@ -196,6 +196,76 @@ def test_auto_order_on_cuda_follows_the_measured_rule(grid, heads, kernel_size, 
     assert SMALL_CALL_QUERY_HEADS >= 10 * 21 * 21 * 8
 
 
+# ------------------------------------------------------------------ the host path of repeated calls
+def _counting_plan(monkeypatch, api):
+    """The one plan in a fresh api._PLANS, its prepared op wrapped to count its calls."""
+    (pkey, plan), = api._PLANS.items()
+    assert plan[4] is not None, "a plain call's plan keeps a prepared op"
+    calls = []
+
+    def run(q, k, v):
+        calls.append(1)
+        return plan[4](q, k, v)
+
+    api._PLANS[pkey] = (*plan[:4], run)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_repeated_calls_take_the_plans_prepared_op(monkeypatch, backend):
+    """A repeated plain call runs its plan's prepared op, with the full path's results (values, lse,
+    gradients); autocast, other arguments and a bad return_lse still take the full path."""
+    from nuwa_kernels import api
+
+    q, k, v = grid_inputs()
+    if not nk.can_run(backend, q, k, v)[0]:
+        pytest.skip(f"{backend} cannot run here")
+    monkeypatch.setattr(api, "_PLANS", {})
+    first, first_lse = nk.nearby_attention(q, k, v, kernel_size=(1, 3, 3), return_lse=True, backend=backend)
+    calls = _counting_plan(monkeypatch, api)
+    out, lse = nk.nearby_attention(q, k, v, kernel_size=(1, 3, 3), return_lse=True, backend=backend)
+    assert calls == [1] and torch.equal(out, first) and torch.equal(lse, first_lse)
+    ref, ref_lse = oracle_attention(q, k, v, kernel_size=(1, 3, 3))
+    assert rel_err(out, ref) < TOLERANCE[torch.float32] and rel_err(lse, ref_lse) < TOLERANCE[torch.float32]
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(nk.nearby_attention(qg, kg, vg, kernel_size=(1, 3, 3), backend=backend),
+                                (qg, kg, vg), go)
+    assert calls == [1, 1]
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(oracle_attention(qr, kr, vr, kernel_size=(1, 3, 3))[0], (qr, kr, vr), go)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < TOLERANCE[torch.float32]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the plan is float32's: the full path casts
+        assert nk.nearby_attention(q, k, v, kernel_size=(1, 3, 3), backend=backend).dtype == torch.bfloat16
+    nk.nearby_attention(q, k, v, kernel_size=(1, 3, 3), causal=True, backend=backend)  # another plan
+    with pytest.raises(TypeError, match="return_lse"):
+        nk.nearby_attention(q, k, v, kernel_size=(1, 3, 3), return_lse=1, backend=backend)
+    assert calls == [1, 1]
+
+
+def test_repeated_auto_calls_read_the_environment_variable(monkeypatch):
+    """backend="auto" plans are keyed on NUWA_KERNELS_BACKEND as it is at each call."""
+    from nuwa_kernels import api
+
+    q, k, v = grid_inputs()
+    monkeypatch.setattr(api, "_PLANS", {})
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    nk.nearby_attention(q, k, v)
+    assert api._env_backend() is None
+    (auto_plan,) = api._PLANS.values()
+    monkeypatch.setenv(ENV_VAR, "reference")
+    assert api._env_backend() in ("reference", b"reference")
+    nk.nearby_attention(q, k, v)
+    assert len(api._PLANS) == 2 and {p[3].NAME for p in api._PLANS.values()} == {auto_plan[3].NAME, "reference"}
+    monkeypatch.delenv(ENV_VAR)
+    nk.nearby_attention(q, k, v)  # the first plan again
+    assert len(api._PLANS) == 2
+    monkeypatch.setenv(ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        nk.nearby_attention(q, k, v)
+
+
 # ------------------------------------------------------------------ autocast
 def test_autocast_casts_like_sdpa():
     q, k, v = grid_inputs(dtype=torch.float32)

@@ -48,6 +48,12 @@ def forward(
     return _ops.call(_fused_ops.pair(), query, key, value, *_ops.spec_op_args(spec), float(scale))
 
 
+def runner(spec: WindowSpec, scale: float):
+    """:func:`forward` of one window as ``run(query, key, value)``, its op arguments built once (eager
+    calls; the API's plans keep it)."""
+    return _ops.prepared(_fused_ops.pair(), spec, scale)
+
+
 def empty_cache() -> int:
     """Frees the CPU kernels' cached memory blocks and returns their bytes (like ``torch.cuda.empty_cache``).
 

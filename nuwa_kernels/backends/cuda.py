@@ -82,3 +82,9 @@ def forward(
     """``(out, lse)``: ``out (B, T, H, W, heads, D)`` in the input dtype, ``lse (B, T, H, W, heads)`` in
     float32; differentiable with respect to ``query``, ``key`` and ``value``."""
     return _ops.call(_fused_ops.pair(), query, key, value, *_ops.spec_op_args(spec), float(scale))
+
+
+def runner(spec: WindowSpec, scale: float):
+    """:func:`forward` of one window as ``run(query, key, value)``, its op arguments built once (eager
+    calls; the API's plans keep it)."""
+    return _ops.prepared(_fused_ops.pair(), spec, scale)

@@ -168,3 +168,9 @@ FWD_OP, BWD_OP = PAIR.fwd, PAIR.bwd
 def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: float) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` through ``nuwa_kernels::reference_fwd`` (differentiable)."""
     return _ops.call(PAIR, query, key, value, *_ops.spec_op_args(spec), scale)
+
+
+def runner(spec: WindowSpec, scale: float):
+    """:func:`forward` of one window as ``run(query, key, value)``, its op arguments built once (eager
+    calls; the API's plans keep it)."""
+    return _ops.prepared(PAIR, spec, scale)

@@ -162,6 +162,12 @@ def forward(query: Tensor, key: Tensor, value: Tensor, spec: WindowSpec, scale: 
     return _ops.call(PAIR, query, key, value, *_ops.spec_op_args(spec), float(scale))
 
 
+def runner(spec: WindowSpec, scale: float):
+    """:func:`forward` of one window as ``run(query, key, value)``, its op arguments built once (eager
+    calls; the API's plans keep it)."""
+    return _ops.prepared(PAIR, spec, scale)
+
+
 def tile_stats(*args, **kwargs):
     """See :func:`nuwa_kernels.backends.triton.stats.tile_stats`."""
     from .stats import tile_stats as _tile_stats
