@@ -214,7 +214,8 @@ def _plan_key(query, key, value, kernel_size, causal, border, scale, backend, st
             value.device, kernel_size if type(kernel_size) is int else _sig(kernel_size),
             causal if type(causal) is bool else _sig(causal), border, scale if scale is None else _sig(scale),
             backend, stride if type(stride) is int else _sig(stride),
-            dilation if type(dilation) is int else _sig(dilation), _env_backend() if backend == "auto" else None)
+            dilation if type(dilation) is int else _sig(dilation),
+            _env_backend() if backend == "auto" else None)
 
 
 # NUWA_KERNELS_BACKEND as os.environ holds it (encoded; None when unset): one dictionary lookup. Read
@@ -470,7 +471,8 @@ def _public_call(query, key, value, kernel_size, causal, border, scale, return_l
     have swept the caches, where every Python step costs microseconds: NÜWA (1,3,3) forward, 2-core EPYC,
     two threads, in-process alternation, nearby_attention over the op called directly 45-72 us -> 23
     (10x21x21) and 8 -> 3 (1x21x21)."""
-    if slab is None and additional_keys is None and additional_values is None and return_lse.__class__ is bool:
+    plain = slab is None and additional_keys is None and additional_values is None
+    if plain and return_lse.__class__ is bool:
         run = _planned_run(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation)
         if run is not None:
             out, lse = run(query, key, value)
