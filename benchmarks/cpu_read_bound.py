@@ -1,7 +1,7 @@
 """What the memory side allows the fused CPU forward of the image window, per layout (issue 13).
 
     python -m benchmarks.cpu_read_bound [--grid 10,21,21] [--heads 8] [--dim 64] [--fmas 0,1152,2304,3456]
-                                        [--reps 15] [--rounds 3]
+                                        [--reps 15] [--rounds 3] [--overlap]
 
 Compiles ``benchmarks/read_pattern.c`` (the forward's read pattern for a (1,3,3) window whose rows are
 read in place, without its arithmetic; see that file) with the C compiler (``$CC``, else ``cc``) and
@@ -13,6 +13,9 @@ turn (whole tokens read close together) instead of tasks of one head. In the sam
 ``backend="cpu"``, (1,3,3)) on the same grid in both layouts (heads-contiguous: views of
 ``(B, heads, T, H, W, D)`` tensors, as ``cpu_gemm_rate.py --heads-contiguous``). Prints, per row, the
 median over rounds of each run's minimum (ms). Needs an AVX-512 CPU (the stand-in is AVX-512 code).
+With ``--overlap`` it runs ``benchmarks/prefetch_overlap.c`` instead: the forward's prefetch stream beside
+FMAs whose operands are registers or L1 loads, in one burst per block or in chunks spread over the FMAs
+(whether prefetches can hide behind arithmetic on this machine; session 16 of gemm-rate.md).
 See benchmarks/results/cpu-amd-epyc-2t/gemm-rate.md, sessions 9 and 12, for what it showed on this project's
 machine.
 """
@@ -40,6 +43,7 @@ from benchmarks.cpu_gemm_rate import make_inputs  # noqa: E402
 from benchmarks.measure import cpu_model, time_cpu  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "read_pattern.c")
+OVERLAP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prefetch_overlap.c")
 LAYOUTS = ("token-major", "heads-contiguous")
 KERNEL_SIZE = (1, 3, 3)
 
@@ -54,18 +58,20 @@ def compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def build(cache_dir: Optional[str] = None) -> str:
-    """Compiles read_pattern.c (once per source and compiler: cached under ``cache_dir``, default the
-    temporary folder) and returns the executable's path. Raises RuntimeError if it does not build."""
+def build(cache_dir: Optional[str] = None, source: str = SOURCE) -> str:
+    """Compiles ``source`` (read_pattern.c, or prefetch_overlap.c; once per source and compiler: cached under
+    ``cache_dir``, default the temporary folder) and returns the executable's path. Raises RuntimeError if
+    it does not build."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    with open(SOURCE, "rb") as f:
+    with open(source, "rb") as f:
         key = hashlib.sha256(f.read() + cc.encode()).hexdigest()[:16]
-    exe = os.path.join(cache_dir or tempfile.gettempdir(), f"nuwa-read-pattern-{key}")
+    name = os.path.splitext(os.path.basename(source))[0].replace("_", "-")
+    exe = os.path.join(cache_dir or tempfile.gettempdir(), f"nuwa-{name}-{key}")
     if not os.path.exists(exe):
         tmp = f"{exe}.{os.getpid()}"
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", SOURCE, "-o", tmp]  # as setup.py builds the kernels
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", source, "-o", tmp]  # as setup.py builds the kernels
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr}")
@@ -81,6 +87,19 @@ def run_pattern(exe: str, ntok: int, heads: int, dim: int, reach: int, layout: i
     args = [str(x) for x in (ntok, heads, dim, reach, layout, fmas, reps, int(prefetch), int(all_heads))]
     res = subprocess.run([exe] + args, capture_output=True, text=True, env=env, check=True)
     return float(res.stdout.split()[0])
+
+
+def run_overlap(exe: str, ntok: int, heads: int, fmas: int, rounds: int, threads: int) -> Dict[str, Dict[str, float]]:
+    """prefetch_overlap.c's table: {operands: {schedule: median ms}} (see that file)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    res = subprocess.run([exe] + [str(x) for x in (ntok, heads, fmas, rounds)], capture_output=True, text=True,
+                         env=env, check=True)
+    table: Dict[str, Dict[str, float]] = {}
+    for line in res.stdout.split("\n"):
+        if line.strip():
+            operands, schedule, ms = line.split()
+            table.setdefault(operands, {})[schedule] = float(ms)
+    return table
 
 
 def time_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reps: int) -> float:
@@ -118,6 +137,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--fmas", default="0,1152,2304,3456", help="vector FMAs per block of 16 queries and head")
     ap.add_argument("--reps", type=int, default=15, help="sweeps (calls) per run; the minimum is kept")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is printed")
+    ap.add_argument("--overlap", action="store_true",
+                    help="instead: whether the forward's prefetches hide behind FMAs (prefetch_overlap.c), "
+                         "with the first --fmas FMAs per block and head that is not 0")
     args = ap.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split(","))
     fmas = [int(x) // 8 * 8 for x in args.fmas.split(",")]
@@ -126,6 +148,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not has_avx512():
         raise SystemExit("cpu_read_bound: the stand-in needs an AVX-512 CPU; this one is "
                          f"{torch.backends.cpu.get_cpu_capability()}")
+    if args.overlap:
+        overlap(grid, args.heads, next((f for f in fmas if f), 1152), args.rounds)
+        return
     exe = build()
     T, H, W = grid
     mb = T * H * W * args.heads * args.dim * 4 / 1e6
@@ -137,6 +162,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"{'':{width}s}  " + "  ".join(f"{lay:>16s}" for lay in LAYOUTS))
     for label, row in rows.items():
         print(f"{label:{width}s}  " + "  ".join(f"{row[lay]:13.3f} ms" for lay in LAYOUTS), flush=True)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+def overlap(grid: Sequence[int], heads: int, fmas: int, rounds: int) -> None:
+    """Prints prefetch_overlap.c's table: the forward's prefetch stream against FMAs on registers or with
+    L1 loads, in one burst per block or in chunks spread over the FMAs."""
+    exe = build(source=OVERLAP_SOURCE)
+    T, H, W = grid
+    table = run_overlap(exe, T * H * W, heads, fmas, rounds, torch.get_num_threads())
+    print(f"cpu: {cpu_model()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
+    print(f"grid {T}x{H}x{W}, {heads} heads, D=64, token-major: per block of 16 queries and head {fmas} vector "
+          f"FMAs and the prefetches of a block two ahead (192 lines); ms, medians of {rounds} rounds")
+    schedules = list(next(iter(table.values())))
+    print(f"{'FMA operands':14s}" + "".join(f"{s:>15s}" for s in schedules))
+    for operands, row in table.items():
+        print(f"{operands:14s}" + "".join(f"{row[s]:15.3f}" for s in schedules))
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

@@ -385,3 +385,24 @@ def test_cpu_read_bound_runs(tmp_path, capsys):
     with pytest.raises(subprocess.CalledProcessError):
         cpu_read_bound.run_pattern(exe, 70, 2, 24, 8, 0, 0, 1, True, 1)  # a head dim not in whole vectors
     assert cpu_read_bound.run_pattern(exe, 70, 2, 32, 8, 0, 16, 1, True, 1, all_heads=True) > 0
+
+
+def test_cpu_read_bound_overlap_runs(tmp_path, capsys):
+    """cpu_read_bound --overlap: prefetch_overlap.c builds and prints a time for both FMA operands and every
+    schedule (FMAs alone, prefetches alone, burst, chunks); it refuses bad arguments."""
+    from benchmarks import cpu_read_bound
+
+    if not cpu_read_bound.has_avx512() or cpu_read_bound.compiler() is None:
+        pytest.skip("the stand-in needs an AVX-512 CPU and a C compiler")
+    exe = cpu_read_bound.build(str(tmp_path), source=cpu_read_bound.OVERLAP_SOURCE)
+    table = cpu_read_bound.run_overlap(exe, 70, 2, 48, 1, 1)
+    schedules = {"fmas-only", "prefetch-only", "burst", "chunks-48", "chunks-24", "chunks-16", "chunks-8",
+                 "chunks-4"}
+    assert set(table) == {"registers", "l1-loads"} and all(set(row) == schedules for row in table.values())
+    assert all(t > 0 for row in table.values() for t in row.values())
+    with pytest.raises(subprocess.CalledProcessError):
+        cpu_read_bound.run_overlap(exe, 0, 2, 48, 1, 1)
+    cpu_read_bound.main(["--overlap", "--grid", "2,5,7", "--heads", "2", "--fmas", "0,24", "--rounds", "1"])
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith(("registers", "l1-loads"))]
+    assert len(rows) == 2 and all(len(re.findall(r"[0-9]+\.[0-9]{3}", ln)) == 8 for ln in rows), out
