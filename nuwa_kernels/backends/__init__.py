@@ -8,6 +8,9 @@ Every backend module exposes the same three names:
 * ``forward(query, key, value, spec, scale) -> tuple[Tensor, Tensor]``: ``(out, lse)``, differentiable
   through the backend's registered ``torch.library`` ops.
 
+and may expose ``runner(spec, scale)``: ``forward`` of one window as ``run(query, key, value)``, its op
+arguments built once (``_ops.prepared``), which the API's plans keep for repeated calls.
+
 The ``auto`` rule (documented in the README and docs/DESIGN.md, measured on an H200): on CUDA tensors try
 ``triton``, then ``cuda``, then ``reference``, except for small calls (a small window and at most
 :data:`SMALL_CALL_QUERY_HEADS` query rows) where ``cuda`` comes first (see :func:`_auto_order`); on CPU
