@@ -44,6 +44,7 @@ from benchmarks.measure import cpu_model, time_cpu  # noqa: E402
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "read_pattern.c")
 OVERLAP_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prefetch_overlap.c")
+HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stand_in.h")  # both include it
 LAYOUTS = ("token-major", "heads-contiguous")
 KERNEL_SIZE = (1, 3, 3)
 
@@ -65,8 +66,8 @@ def build(cache_dir: Optional[str] = None, source: str = SOURCE) -> str:
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC)")
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + cc.encode()).hexdigest()[:16]
+    with open(source, "rb") as f, open(HEADER, "rb") as h:
+        key = hashlib.sha256(f.read() + h.read() + cc.encode()).hexdigest()[:16]
     name = os.path.splitext(os.path.basename(source))[0].replace("_", "-")
     exe = os.path.join(cache_dir or tempfile.gettempdir(), f"nuwa-{name}-{key}")
     if not os.path.exists(exe):

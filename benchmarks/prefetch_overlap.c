@@ -20,18 +20,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "stand_in.h"
+
 enum { kBlock = 16, kDim = 64, kLines = 3 * kBlock * kDim / 16, kAhead = 2, kChains = 12 };
-
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp_double(const void* a, const void* b) {
-  const double x = *(const double*)a, y = *(const double*)b;
-  return (x > y) - (x < y);
-}
 
 typedef struct {
   const char* base;  // Q, K, V one after the other, `tensor` bytes each

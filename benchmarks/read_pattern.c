@@ -22,18 +22,9 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "stand_in.h"
+
 enum { kBlock = 16, kAhead = 2 };
-
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
-
-static int cmp_double(const void* a, const void* b) {
-  const double x = *(const double*)a, y = *(const double*)b;
-  return (x > y) - (x < y);
-}
 
 static void prefetch_l2(const void* p) { __asm__ volatile("prefetcht1 %0" : : "m"(*(const char*)p)); }
 
