@@ -215,7 +215,7 @@ def _plan_key(query, key, value, kernel_size, causal, border, scale, backend, st
             causal if type(causal) is bool else _sig(causal), border, scale if scale is None else _sig(scale),
             backend, stride if type(stride) is int else _sig(stride),
             dilation if type(dilation) is int else _sig(dilation),
-            _env_backend() if backend == "auto" else None)
+            _env_backend() if type(backend) is str and backend == "auto" else None)
 
 
 # NUWA_KERNELS_BACKEND as os.environ holds it (encoded; None when unset): one dictionary lookup. Read
