@@ -244,6 +244,22 @@ def test_repeated_calls_take_the_plans_prepared_op(monkeypatch, backend):
     assert calls == [1, 1]
 
 
+def test_compiled_call_after_a_cached_plan():
+    """torch.compile(fullgraph=True) over a plain call whose eager plan (with its prepared op) is cached:
+    the traced call takes the registered ops, not the eager host path, and gives the eager results."""
+    q, k, v = (t.requires_grad_() for t in grid_inputs())
+    backend = "cpu" if nk.can_run("cpu", q, k, v)[0] else "reference"
+
+    def f(q, k, v):
+        return nk.nearby_attention(q, k, v, kernel_size=(1, 3, 3), backend=backend)
+
+    eager = f(q, k, v)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert rel_err(compiled, eager) < 1e-6
+    for a, b in zip(torch.autograd.grad(compiled.sum(), (q, k, v)), torch.autograd.grad(eager.sum(), (q, k, v))):
+        assert rel_err(a, b) < 1e-6
+
+
 def test_repeated_auto_calls_read_the_environment_variable(monkeypatch):
     """backend="auto" plans are keyed on NUWA_KERNELS_BACKEND as it is at each call."""
     from nuwa_kernels import api
