@@ -239,13 +239,13 @@ _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
 def _planned_run(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation):
     """The prepared op (``run(query, key, value) -> (out, lse)``) of a plain call whose plan is cached and
     runs as it is: no autocast, no ``torch.compile``, no dilation, non-empty; else ``None``."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(query) is not Tensor:
         return None
+    dev = query.device.type
+    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
+        return None  # the full path casts (before any key is built)
     pkey = _plan_key(query, key, value, kernel_size, causal, border, scale, backend, stride, dilation)
     if pkey is None:
-        return None
-    dev = pkey[6].type  # query's device
-    if dev in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dev):
         return None
     try:
         plan = _PLANS.get(pkey)
@@ -279,12 +279,9 @@ def _attend(query, key, value, kernel_size, causal, border, scale, backend, stri
         if pkey is not None:
             if len(_PLANS) >= _PLANS_MAX:
                 _PLANS.clear()
-            run = None  # the prepared op of _public_call's host path (calls that run as they are)
-            if dil == (1, 1, 1) and query.numel() > 0:
-                runner = getattr(module, "runner", None)
-                run = runner(spec, scale) if runner is not None else \
-                    (lambda q, k, v, _m=module, _s=spec, _c=scale: _m.forward(q, k, v, _s, _c))
-            _PLANS[pkey] = (spec, dil, scale, module, run)
+            # the prepared op of _public_call's host path (calls that run as they are; backends with a runner)
+            runs_as_is = dil == (1, 1, 1) and query.numel() > 0 and hasattr(module, "runner")
+            _PLANS[pkey] = (spec, dil, scale, module, module.runner(spec, scale) if runs_as_is else None)
     if query.numel() == 0:
         return _empty_result(query, key, value, additional_keys, additional_values)
     if dil == (1, 1, 1):
